@@ -1,0 +1,20 @@
+"""Test set-up: 8 simulated CPU devices, set before jax is imported anywhere."""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+# Hide the host's CPUs from TensorFlow's view of devices: tf.data only.
+try:  # pragma: no cover - depends on install
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+except Exception:  # noqa: BLE001
+    pass
+
+assert jax.device_count() == 8, "tests expect 8 simulated CPU devices; jax was imported before conftest"
