@@ -1,4 +1,10 @@
-"""bt_jax: Barlow Twins (Zbontar et al., ICML 2021) in JAX/Flax."""
+"""bt_jax: Barlow Twins (Zbontar et al., ICML 2021) in JAX/Flax.
+
+The public API:
+
+    from bt_jax import barlow_twins_loss          # the pure, multi-device-exact loss
+    from bt_jax import load_backbone              # a pretrained backbone for downstream use
+"""
 
 from bt_jax.loss import BarlowTwinsTerms
 from bt_jax.loss import barlow_twins_loss
@@ -7,9 +13,22 @@ from bt_jax.loss import cross_correlation
 
 __version__ = "0.1.0"
 
+
+def load_backbone(path: str, **overrides):
+    """``(module, variables)`` of a backbone exported by ``python -m bt_jax.train``.
+
+    Imported lazily: the loss alone needs neither Flax models nor checkpoint libraries.
+    See :func:`bt_jax.checkpoint.load_backbone`.
+    """
+    from bt_jax.checkpoint import load_backbone as _load_backbone
+
+    return _load_backbone(path, **overrides)
+
+
 __all__ = [
     "BarlowTwinsTerms",
     "barlow_twins_loss",
     "barlow_twins_terms",
     "cross_correlation",
+    "load_backbone",
 ]
