@@ -262,3 +262,16 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path):
     assert result.returncode != 0
     assert "config.batch_size=36" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_default_recipe_runs_end_to_end_with_no_flags(tmp_path):
+    """`python -m bt_jax.train` as a new user types it (here stopped after 2 steps)."""
+    result = subprocess.run([sys.executable, "-m", "bt_jax.train", "--config.max_steps=2"],
+                            cwd=tmp_path, env=subprocess_env(1), capture_output=True, text=True,
+                            timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    workdir = tmp_path / "runs" / "default"
+    assert (workdir / "checkpoints" / "2").is_dir()
+    assert (workdir / "backbone.msgpack").exists()
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["dataset"] == "digits" and saved["model"] == "resnet18"
