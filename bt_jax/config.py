@@ -59,6 +59,26 @@ def get_config() -> ml_collections.ConfigDict:
     # The parallel step: jit(shard_map) over a device mesh, or pmap (bt_jax.train).
     config.parallelism = "shard_map"
 
+    # Online linear probe during pretraining (bt_jax.train): a classifier on stop-gradient
+    # representations of view A, its own SGD, accuracy logged every epoch. Needs labels.
+    config.online_probe = True
+    config.probe_learning_rate = 0.1
+
+    # Evaluation protocols (bt_jax.evaluate).
+    config.eval = ml_collections.ConfigDict()
+    config.eval.at_end = True  # the main job ends with the quick linear probe and kNN
+    config.eval.linear_epochs = 100  # the paper's linear protocol
+    config.eval.linear_learning_rate = 0.3
+    config.eval.linear_weight_decay = 1e-6
+    config.eval.linear_batch_size = 256
+    config.eval.knn_k = 200
+    config.eval.knn_temperature = 0.1
+    config.eval.finetune_epochs = 20  # the paper's semi-supervised protocol
+    config.eval.finetune_backbone_learning_rate = 0.002
+    config.eval.finetune_head_learning_rate = 0.5
+    config.eval.finetune_batch_size = 256
+    config.eval.label_fractions = (0.01, 0.1)
+
     # Checkpoints and logging (bt_jax.train).
     config.checkpoint_every_steps = 200
     config.keep_checkpoints = 2

@@ -67,6 +67,9 @@ class TrainState:
     params: Any
     batch_stats: Any
     opt_state: Any
+    # The online linear probe ({"kernel": [F, C], "bias": [C]}; empty without labels).
+    probe_params: Any
+    probe_opt_state: Any
 
 
 def build_model(config: ml_collections.ConfigDict, axis_name: str | None = AXIS):
@@ -79,25 +82,75 @@ def build_model(config: ml_collections.ConfigDict, axis_name: str | None = AXIS)
     return models.BarlowTwinsModel(backbone, projector)
 
 
-def init_state(config, model, tx: optax.GradientTransformation) -> TrainState:
-    """The initial state from ``config.seed``; pure, so jit places it wherever asked."""
+def probe_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The online probe's own optimiser: plain SGD with momentum, nothing shared with LARS."""
+    return optax.sgd(config.probe_learning_rate, momentum=0.9)
+
+
+def init_state(config, model, tx: optax.GradientTransformation,
+               num_classes: int | None = None) -> TrainState:
+    """The initial state from ``config.seed``; pure, so jit places it wherever asked.
+
+    num_classes: the online probe's classes; None (no labels, or ``online_probe=False``) trains
+    no probe.
+    """
     init_model = model.clone(
         backbone=model.backbone.clone(axis_name=None),
         projector=model.projector.clone(axis_name=None))
     images = jnp.zeros((2, config.image_size, config.image_size, 3), jnp.float32)
     variables = init_model.init(jax.random.key(config.seed), images, train=False)
     params = variables["params"]
+    probe_params = {}
+    if num_classes:
+        num_features = model.backbone.num_features
+        probe_params = {"kernel": jnp.zeros((num_features, num_classes), jnp.float32),
+                        "bias": jnp.zeros((num_classes,), jnp.float32)}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables["batch_stats"], opt_state=tx.init(params))
+                      batch_stats=variables["batch_stats"], opt_state=tx.init(params),
+                      probe_params=probe_params,
+                      probe_opt_state=probe_optimizer(config).init(probe_params))
+
+
+def probe_logits(probe_params: dict, representation: jax.Array) -> jax.Array:
+    """representation: [n, F] -> logits [n, C]."""
+    return representation @ probe_params["kernel"] + probe_params["bias"]
+
+
+def probe_step(probe_params, probe_opt_state, representation, labels, *, probe_tx, axis_name):
+    """One SGD step of the online probe on stop-gradient representations, over the global batch.
+
+    labels: [n] int32, -1 where unknown (those examples are left out).
+    """
+    representation = lax.stop_gradient(representation.astype(jnp.float32))
+    known = labels >= 0
+    count = jnp.maximum(lax.psum(jnp.sum(known), axis_name), 1)
+
+    def loss_fn(p):
+        logits = probe_logits(p, representation)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+        # psum makes the loss the global mean, so the same pmean recipe as the main loss applies.
+        return lax.psum(jnp.sum(jnp.where(known, losses, 0.0)), axis_name) / count, logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(probe_params)
+    grads = lax.pmean(grads, axis_name)
+    updates, probe_opt_state = probe_tx.update(grads, probe_opt_state, probe_params)
+    correct = jnp.sum(jnp.where(known, jnp.argmax(logits, -1) == labels, False))
+    accuracy = lax.psum(correct, axis_name) / count
+    return optax.apply_updates(probe_params, updates), probe_opt_state, {
+        "probe_loss": loss, "probe_train_accuracy": accuracy}
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model, tx, lambd: float,
-               loss_method: str, axis_name: str = AXIS) -> tuple[TrainState, dict]:
+               loss_method: str, probe_tx: optax.GradientTransformation | None = None,
+               axis_name: str = AXIS) -> tuple[TrainState, dict]:
     """One update, per device, inside ``shard_map`` or ``pmap`` over ``axis_name``.
 
-    batch: {"view_a": [n, H, W, 3], "view_b": [n, H, W, 3], ...}, this device's n examples.
+    batch: {"view_a": [n, H, W, 3], "view_b": [n, H, W, 3], "label": [n] (with a probe)}, this
+    device's n examples.
     rng: the step's key; folded with the device index here for any stochastic layer.
-    Returns the new state and {"loss", "invariance", "redundancy"}, the same on every device.
+    probe_tx: the online probe's optimiser; the probe trains when the state has one.
+    Returns the new state and {"loss", "invariance", "redundancy"[, "probe_loss",
+    "probe_train_accuracy"]}, the same on every device.
     """
     rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
 
@@ -105,22 +158,31 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model, tx, lam
         # One call per view, as the official code: each view's BatchNorm statistics are its own,
         # and the running averages are updated twice per step.
         variables = {"params": params, "batch_stats": state.batch_stats}
-        (_, z_a), updates = model.apply(variables, batch["view_a"], train=True,
-                                        mutable=["batch_stats"], rngs={"dropout": rng})
+        (representation_a, z_a), updates = model.apply(
+            variables, batch["view_a"], train=True, mutable=["batch_stats"],
+            rngs={"dropout": rng})
         variables = {"params": params, **updates}
         (_, z_b), updates = model.apply(variables, batch["view_b"], train=True,
                                         mutable=["batch_stats"], rngs={"dropout": rng})
         loss, terms = loss_lib.barlow_twins_loss(z_a, z_b, lambd=lambd, axis_name=axis_name,
                                                  method=loss_method, return_terms=True)
-        return loss, (terms, updates["batch_stats"])
+        return loss, (terms, updates["batch_stats"], representation_a)
 
-    (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (terms, batch_stats, representation_a)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
     grads = lax.pmean(grads, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "invariance": terms.invariance, "redundancy": terms.redundancy}
+    probe_params, probe_opt_state = state.probe_params, state.probe_opt_state
+    if probe_params:
+        probe_params, probe_opt_state, probe_metrics = probe_step(
+            probe_params, probe_opt_state, representation_a, batch["label"],
+            probe_tx=probe_tx, axis_name=axis_name)
+        metrics.update(probe_metrics)
     new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                           opt_state=opt_state)
+                           opt_state=opt_state, probe_params=probe_params,
+                           probe_opt_state=probe_opt_state)
     return new_state, metrics
 
 
@@ -139,6 +201,38 @@ def correlation_block(state: TrainState, batch: dict, rng: jax.Array, *, model, 
 @jax.jit
 def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+class ProbeEvaluator:
+    """Accuracy of the online probe on the test split (evaluation transform), once an epoch.
+
+    Runs on this process's first device from a host copy of the backbone and probe: the test
+    split is small next to an epoch, and this keeps it out of the data-parallel step.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, source):
+        self.config, self.source = config, source
+        backbone = build_model(config, axis_name=None).backbone
+
+        def predict(variables, images):
+            representation = backbone.apply(
+                {"params": variables["params"], "batch_stats": variables["batch_stats"]},
+                images, train=False)
+            return jnp.argmax(probe_logits(variables["probe"], representation), axis=-1)
+
+        self._predict = jax.jit(predict)
+
+    def __call__(self, state: TrainState) -> float:
+        variables = jax.device_get({"params": state.params["backbone"],
+                                    "batch_stats": state.batch_stats["backbone"],
+                                    "probe": state.probe_params})
+        correct = total = 0
+        for images, labels in data.eval_batches(
+                self.source, split="test", batch_size=256, image_size=self.config.image_size,
+                resize_size=self.config.eval_resize):
+            correct += int(np.sum(np.asarray(self._predict(variables, images)) == labels))
+            total += len(labels)
+        return correct / max(total, 1)
 
 
 def device_mesh() -> jax.sharding.Mesh:
@@ -260,8 +354,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     model = build_model(config)
     tx = optim.create_optimizer(config, steps_per_epoch)
+    num_classes = source.num_classes if config.online_probe else None
     place = Placement(config.parallelism)
-    state = place.init(functools.partial(init_state, config, model, tx))
+    state = place.init(functools.partial(init_state, config, model, tx, num_classes))
     manager = checkpoint.checkpoint_manager(workdir, config)
     if manager.latest_step() is not None:
         state = place.from_checkpoint(checkpoint.restore(manager, place.checkpointable(state)))
@@ -269,7 +364,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     start_step = int(jax.device_get(place.scalar(state.step)))
 
     step_fn = place.map(functools.partial(
-        train_step, model=model, tx=tx, lambd=config.lambd, loss_method=config.loss_method))
+        train_step, model=model, tx=tx, lambd=config.lambd, loss_method=config.loss_method,
+        probe_tx=probe_optimizer(config)))
+    probe_accuracy = ProbeEvaluator(config, source) if num_classes else None
     correlation_fn = place.map(functools.partial(
         correlation_block, model=model, size=config.correlation_image_dims), donate=False,
         out_specs=P(AXIS))
@@ -328,6 +425,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if at_epoch_end:
                 matrices = np.asarray(jax.device_get(correlation_fn(state, batch, rng)))
                 logger.correlation_image(step, matrices.reshape((-1,) + matrices.shape[-2:])[0])
+                if probe_accuracy is not None:
+                    logger.scalars(step, {"probe_test_accuracy": probe_accuracy(
+                        place.checkpointable(state))})
             stop = _preempted(preemption) if (
                 jax.process_count() == 1 or step % config.log_every_steps == 0) else False
             if at_checkpoint or stop:

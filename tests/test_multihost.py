@@ -39,7 +39,8 @@ def final_params(workdir):
     manager = checkpoint.checkpoint_manager(workdir, config)
     model = train.build_model(config)
     target = jax.jit(functools.partial(train.init_state, config, model,
-                                       optim.create_optimizer(config, steps_per_epoch=5)))()
+                                       optim.create_optimizer(config, steps_per_epoch=5),
+                                       10))()  # digits: 10 classes for the online probe
     state = checkpoint.restore(manager, target)
     manager.close()
     return int(state.step), jax.device_get(state.params)

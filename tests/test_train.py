@@ -28,7 +28,7 @@ def tiny_config(**overrides):
     """A config that compiles and steps in seconds on the CPU."""
     config = config_lib.get_config()
     config.update(dict(
-        batch_size=32, image_size=16, eval_resize=16, width=4, projector="32-32",
+        batch_size=256, image_size=16, eval_resize=16, width=4, projector="32-32",
         num_epochs=2, warmup_epochs=1, max_steps=4, log_every_steps=2,
         checkpoint_every_steps=2, correlation_image_dims=16))
     config.update(overrides)
@@ -38,8 +38,11 @@ def tiny_config(**overrides):
 def fake_batches(config, num_steps, seed=0):
     rng = np.random.default_rng(seed)
     shape = (config.batch_size, config.image_size, config.image_size, 3)
+    # Labels, some unknown (-1), so the online probe trains in the same step.
     return [{"view_a": rng.normal(size=shape).astype(np.float32),
-             "view_b": rng.normal(size=shape).astype(np.float32)} for _ in range(num_steps)]
+             "view_b": rng.normal(size=shape).astype(np.float32),
+             "label": rng.integers(-1, 10, size=config.batch_size).astype(np.int32)}
+            for _ in range(num_steps)]
 
 
 def run_steps(config, batches, parallelism, devices):
@@ -47,8 +50,9 @@ def run_steps(config, batches, parallelism, devices):
     model = train.build_model(config)
     tx = optim.create_optimizer(config, steps_per_epoch=10)
     step = functools.partial(train.train_step, model=model, tx=tx, lambd=config.lambd,
-                             loss_method=config.loss_method)
-    state = jax.jit(functools.partial(train.init_state, config, model, tx))()
+                             loss_method=config.loss_method,
+                             probe_tx=train.probe_optimizer(config))
+    state = jax.jit(functools.partial(train.init_state, config, model, tx, 10))()
     key = jax.random.key(0)
     if parallelism == "shard_map":
         mesh = jax.make_mesh((len(devices),), (train.AXIS,), devices=devices,
@@ -57,19 +61,19 @@ def run_steps(config, batches, parallelism, devices):
         state = jax.device_put(state, jax.sharding.NamedSharding(mesh, P()))
         for batch in batches:
             state, metrics = step_fn(state, batch, key)
-        return jax.device_get(state.params), jax.device_get(metrics)
+        return jax.device_get((state.params, state.probe_params)), jax.device_get(metrics)
     step_fn = jax.pmap(step, axis_name=train.AXIS, in_axes=(0, 0, None), devices=devices)
     state = flax.jax_utils.replicate(state, devices)
     for batch in batches:
         local = jax.tree.map(lambda x: x.reshape((len(devices), -1) + x.shape[1:]), batch)
         state, metrics = step_fn(state, local, key)
-    return jax.device_get(jax.tree.map(lambda x: x[0], state.params)), jax.device_get(
-        jax.tree.map(lambda x: x[0], metrics))
+    return jax.device_get(jax.tree.map(lambda x: x[0], (state.params, state.probe_params))), \
+        jax.device_get(jax.tree.map(lambda x: x[0], metrics))
 
 
 def assert_trees_close(got, want, rtol=1e-5):
-    for path, g in jax.tree_util.tree_leaves_with_path(got):
-        w = functools.reduce(lambda t, k: t[k.key], path, want)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
         scale = float(np.max(np.abs(w))) or 1.0
         np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * scale, err_msg=str(path))
 
@@ -84,15 +88,17 @@ def test_eight_devices_equal_one_device_and_pmap_equals_shard_map():
     # The update is exactly the single-device update on the global batch (sync BN, all-gathered
     # loss, pmean of gradients), up to float32 summation order.
     assert_trees_close(eight, one)
-    np.testing.assert_allclose(eight_metrics["loss"], one_metrics["loss"], rtol=1e-5)
+    assert_trees_close(eight_metrics, one_metrics)
     assert_trees_close(pmapped, eight)
-    np.testing.assert_allclose(pmap_metrics["loss"], eight_metrics["loss"], rtol=1e-6)
+    assert_trees_close(pmap_metrics, eight_metrics)
+    assert set(eight_metrics) == {"loss", "invariance", "redundancy", "probe_loss",
+                                  "probe_train_accuracy"}
     # The parameters did move: the comparison is not between initial states.
     initial = jax.device_get(jax.jit(functools.partial(
         train.init_state, config, train.build_model(config),
         optim.create_optimizer(config, steps_per_epoch=10)))().params)
     moved = [float(np.max(np.abs(a - b))) for a, b in
-             zip(jax.tree.leaves(eight), jax.tree.leaves(initial))]
+             zip(jax.tree.leaves(eight[0]), jax.tree.leaves(initial))]
     assert max(moved) > 1e-4
 
 
@@ -101,7 +107,7 @@ def restore_params(workdir, step=None):
     manager = checkpoint.checkpoint_manager(workdir, config)
     model = train.build_model(config)
     tx = optim.create_optimizer(config, steps_per_epoch=5)
-    target = jax.jit(functools.partial(train.init_state, config, model, tx))()
+    target = jax.jit(functools.partial(train.init_state, config, model, tx, 10))()
     state = checkpoint.restore(manager, target, step)
     manager.close()
     return jax.device_get(state.params), int(state.step)
@@ -138,6 +144,13 @@ def test_run_writes_logs_checkpoints_and_a_loadable_backbone(reference_run):
                 "images_per_second", "data_wait_seconds"):
         assert np.isfinite(record[key]), key
     assert record["step"] == 6
+    for key in ("probe_loss", "probe_train_accuracy"):
+        assert 0 <= record[key] < 10, key
+    # 1500 digits / 256 = 5 steps an epoch: the epoch's end logged the probe's test accuracy.
+    records = [json.loads(line) for line in lines]
+    epoch_end = [r for r in records if "probe_test_accuracy" in r]
+    assert [r["step"] for r in epoch_end] == [5]
+    assert 0.0 <= epoch_end[0]["probe_test_accuracy"] <= 1.0
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]  # keep 2
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
     module, variables = bt_jax.load_backbone(workdir)
@@ -148,10 +161,10 @@ def test_run_writes_logs_checkpoints_and_a_loadable_backbone(reference_run):
 
 def trainer_command(workdir, **overrides):
     args = [sys.executable, "-m", "bt_jax.train", f"--workdir={workdir}"]
+    defaults = config_lib.get_config()
     for key, value in tiny_config(**overrides).items():
-        if key in ("data_dir",):
-            continue
-        args.append(f"--config.{key}={value}")
+        if value != defaults[key]:
+            args.append(f"--config.{key}={value}")
     return args
 
 
