@@ -13,8 +13,9 @@ import ml_collections
 # Keys that must match between a workdir's saved config and a resumed run: they change the
 # shapes of the state or the meaning of a step.
 RESUME_KEYS = (
-    "seed", "dataset", "data_dir", "image_size", "batch_size", "num_epochs", "model", "stem",
-    "width", "zero_init_residual", "projector", "warmup_epochs",
+    "seed", "dataset", "data_dir", "image_size", "min_crop_scale", "blur_probabilities",
+    "solarize_probabilities", "batch_size", "num_epochs", "model", "stem", "width",
+    "zero_init_residual", "projector", "warmup_epochs",
 )
 
 PARALLELISM = ("shard_map", "pmap")
@@ -31,6 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data_dir = ""  # tfds data_dir, IDX directory or image folder; "" = the source's default
     config.image_size = 32  # training crop side in pixels
     config.min_crop_scale = 0.08  # RandomResizedCrop lower area bound
+    # Per view (A, B); the official recipe (from BYOL). Sigma ~ U(0.1, 2) px whatever the image
+    # size, so small images may want less blur (solo-learn's CIFAR recipes use none).
+    config.blur_probabilities = (1.0, 0.1)
+    config.solarize_probabilities = (0.0, 0.2)
     config.eval_resize = 32  # evaluation: resize the short side, then centre-crop image_size
     config.batch_size = 256  # global batch, over all devices and hosts
     config.num_epochs = 100
@@ -124,6 +129,9 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
     require(config.parallelism in PARALLELISM, "parallelism", f"must be one of {PARALLELISM}.")
     require(config.dtype in DTYPES, "dtype", f"must be one of {DTYPES}.")
     require(0 < config.min_crop_scale <= 1, "min_crop_scale", "must be in (0, 1].")
+    for key in ("blur_probabilities", "solarize_probabilities"):
+        require(len(config[key]) == 2 and all(0 <= p <= 1 for p in config[key]), key,
+                "must be two probabilities, for view A and view B.")
     require(config.model.lower() in models.BACKBONES, "model",
             f"unknown backbone; known: {', '.join(models.BACKBONES)}.")
     require(config.stem in models.STEMS, "stem", f"must be one of {models.STEMS}.")

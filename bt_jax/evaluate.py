@@ -308,31 +308,38 @@ def checkpoint_steps(workdir: str) -> list[int]:
         manager.close()
 
 
-def restore_backbone(workdir: str, step: int) -> dict:
-    """{"params", "batch_stats"} of the backbone at checkpoint ``step``, as numpy arrays.
+def restore_variables(workdir: str, step: int, part: str | None = "backbone") -> dict:
+    """{"params", "batch_stats"} at checkpoint ``step``, as numpy arrays: of the backbone
+    (``part="backbone"``), the projector, or the whole model (``part=None``).
 
-    Restored without a target: only params/backbone and batch_stats/backbone are read, whatever
-    else the TrainState held when it was saved (optimiser state, probe, fields added later), and
-    whatever devices it was saved from.
+    Restored without a target: only those subtrees are read, whatever else the TrainState held
+    when it was saved (optimiser state, probe, fields added later), and whatever devices it was
+    saved from.
     """
     manager = _read_manager(workdir)
     try:
         metadata = manager.item_metadata(step)
         try:
-            wanted = {"params": {"backbone": metadata["params"]["backbone"]},
-                      "batch_stats": {"backbone": metadata["batch_stats"]["backbone"]}}
+            wanted = {key: (metadata[key] if part is None else {part: metadata[key][part]})
+                      for key in ("params", "batch_stats")}
         except (KeyError, TypeError):
             raise ArchitectureMismatchError(
-                f"The checkpoint {_checkpoint_dir(workdir)}/{step} holds no params/backbone and "
-                "batch_stats/backbone: it is not a bt_jax pretraining checkpoint.") from None
+                f"The checkpoint {_checkpoint_dir(workdir)}/{step} holds no params/{part} and "
+                f"batch_stats/{part}: it is not a bt_jax pretraining checkpoint.") from None
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
         restored = manager.restore(step, args=ocp.args.PyTreeRestore(
             item=wanted, restore_args=restore_args, partial_restore=True))
     finally:
         manager.close()
     restored = _plain(restored)
-    return {"params": restored["params"]["backbone"],
-            "batch_stats": restored["batch_stats"]["backbone"]}
+    if part is None:
+        return restored
+    return {key: restored[key][part] for key in ("params", "batch_stats")}
+
+
+def restore_backbone(workdir: str, step: int) -> dict:
+    """{"params", "batch_stats"} of the backbone at checkpoint ``step``, as numpy arrays."""
+    return restore_variables(workdir, step, "backbone")
 
 
 def _read_exported_backbone(path: str) -> dict:
@@ -961,7 +968,7 @@ def _scalars(protocol: str, results: Mapping[str, Mapping[str, Any]]) -> dict[st
     return scalars
 
 
-def _write_json(path: str, payload: Any) -> None:
+def write_json(path: str, payload: Any) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=True)
@@ -1009,7 +1016,7 @@ def evaluate(workdir: str, protocol: str, *, step: int | None = None, baselines:
         results.update(_baselines([protocol], config, module, source)[protocol])
     record = _record(protocol, step, config, results, time.perf_counter() - start)
     if write and jax.process_index() == 0:
-        _write_json(results_path(workdir, protocol), record)
+        write_json(results_path(workdir, protocol), record)
         write_scalars(workdir, step, _scalars(protocol, results))
     return record
 
@@ -1063,7 +1070,7 @@ def evaluate_checkpoints(workdir: str, protocols: Sequence[str] = QUICK_PROTOCOL
                 scalars.update(_scalars(p, results[p]))
             write_scalars(workdir, step, scalars)
     if jax.process_index() == 0:
-        _write_json(os.path.join(workdir, "eval_checkpoints.json"), {
+        write_json(os.path.join(workdir, "eval_checkpoints.json"), {
             "protocols": protocols, "dataset": config.dataset, "model": config.model,
             "checkpoints": records, "seconds": round(time.perf_counter() - start, 3)})
     return records

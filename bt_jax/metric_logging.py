@@ -38,7 +38,8 @@ class MetricLogger:
         self._writer.write_scalars(step, values)
         self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self._jsonl.flush()
-        self._progress.set_postfix(loss=f"{values.get('loss', float('nan')):.4g}", refresh=False)
+        if "loss" in values:
+            self._progress.set_postfix(loss=f"{values['loss']:.4g}", refresh=False)
 
     def advance(self, steps: int = 1) -> None:
         if self.enabled:

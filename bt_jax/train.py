@@ -24,6 +24,7 @@ SIGKILL end with bit-identical parameters on the CPU.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import logging as std_logging
 import os
@@ -49,12 +50,14 @@ from ml_collections import config_flags
 from bt_jax import checkpoint
 from bt_jax import config as config_lib
 from bt_jax import data
+from bt_jax import evaluate
 from bt_jax import loss as loss_lib
 from bt_jax import models
 from bt_jax import optim
 from bt_jax.metric_logging import MetricLogger
 
 AXIS = "batch"
+FLAGS = flags.FLAGS
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -340,6 +343,31 @@ def _preempted(flag: _PreemptionFlag) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.array(flag.raised))))
 
 
+def view_specs(config: ml_collections.ConfigDict) -> dict:
+    """The two views' augmentations: the official recipe with the config's probabilities."""
+    return {view: dataclasses.replace(data.VIEWS[view], blur_prob=blur, solarize_prob=solarize)
+            for view, blur, solarize in zip(("a", "b"), config.blur_probabilities,
+                                            config.solarize_probabilities)}
+
+
+def evaluate_at_end(config, variables, source, workdir, logger, step) -> dict:
+    """The quick protocols (logistic-regression probe, kNN) on the trained backbone and on a
+    random-init one, printed and written to ``eval_quick.json``."""
+    backbone = build_model(config, axis_name=None).backbone
+    results = evaluate.evaluate_quick(config, backbone, variables, source)
+    line = evaluate.summary_line(results)
+    print(f"step {step}: {line}", flush=True)
+    logging.info("Evaluation at step %d: %s", step, line)
+    evaluate.write_json(os.path.join(workdir, "eval_quick.json"),
+                        {"protocol": "quick", "step": step, "dataset": config.dataset,
+                         "model": config.model, "results": results})
+    logger.scalars(step, {
+        f"eval/{protocol}_top1{'' if setting == 'pretrained' else '_' + setting}": value["top1"]
+        for protocol, settings in results.items() for setting, value in settings.items()
+        if "top1" in value})
+    return results
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Pretrains into ``workdir``, resuming from its latest checkpoint; returns the final state
     in its checkpointable (replicated global) form."""
@@ -375,7 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     base_key = jax.random.key(config.seed)
     batches = prefetch(place.batch(b) for b in data.pretrain_batches(
         source, global_batch=config.batch_size, image_size=config.image_size, seed=config.seed,
-        start_step=start_step, min_crop_scale=config.min_crop_scale))
+        start_step=start_step, min_crop_scale=config.min_crop_scale, views=view_specs(config)))
 
     logger = MetricLogger(workdir, total_steps=total_steps, initial_step=start_step,
                           enabled=jax.process_index() == 0)
@@ -449,6 +477,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                          "batch_stats": final.batch_stats["backbone"]}
             checkpoint.export_backbone(os.path.join(workdir, checkpoint.BACKBONE_FILE), config,
                                        variables)
+            if config.eval.at_end and source.num_classes and jax.process_index() == 0:
+                evaluate_at_end(config, variables, source, workdir, logger, total_steps)
     finally:
         preemption.restore()
         logger.close()
@@ -459,25 +489,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 # ---------------------------------------------------------------------------------------------
 # Command line.
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "config.py"),
-    "A config file with get_config() (experiments/configs/*.py); override keys with "
-    "--config.KEY=VALUE.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where checkpoints and logs go.")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() (multi-host); arguments come from "
-    "the cluster environment or the flags below.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+def define_flags() -> None:
+    """The command line; defined only when this module runs as a program, so that importing
+    bt_jax.train (tests, notebooks, bt_jax.evaluate) never reads sys.argv."""
+    config_flags.DEFINE_config_file(
+        "config", os.path.join(os.path.dirname(__file__), "config.py"),
+        "A config file with get_config() (experiments/configs/*.py); override keys with "
+        "--config.KEY=VALUE.", lock_config=True)
+    flags.DEFINE_string("workdir", "runs/default", "Where checkpoints and logs go.")
+    flags.DEFINE_bool(
+        "distributed", False, "Call jax.distributed.initialize() (multi-host); arguments come "
+        "from the cluster environment or the flags below.")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+    flags.DEFINE_integer("num_processes", None, "Number of processes.")
+    flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def initialize_distributed() -> None:
     """jax.distributed.initialize; on CPU the cross-process collectives go through gloo."""
     # Only the CPU backend reads this; harmless where the devices are accelerators.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
 
 
 class _OnlyOurInfo(std_logging.Filter):
@@ -491,16 +524,17 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_OnlyOurInfo())
-    if _DISTRIBUTED.value or _COORDINATOR.value:
+    if FLAGS.distributed or FLAGS.coordinator_address:
         initialize_distributed()
     logging.info("JAX processes: %d, devices: %d (%d local).", jax.process_count(),
                  jax.device_count(), jax.local_device_count())
     try:
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (config_lib.ConfigError, checkpoint.IncompatibleCheckpointError,
             NonFiniteLossError) as error:
         raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

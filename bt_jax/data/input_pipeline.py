@@ -30,6 +30,8 @@ moves them onto the devices.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import functools
 from typing import Iterator
 
@@ -101,8 +103,12 @@ def pretrain_dataset(source: Source, *, global_batch: int, image_size: int, seed
                      start_step: int = 0, min_crop_scale: float = 0.08,
                      process_index: int = 0, process_count: int = 1, local_device_count: int = 1,
                      num_epochs: int | None = None, num_workers: int | None = None,
-                     with_index: bool = False) -> tf.data.Dataset:
+                     with_index: bool = False,
+                     views: Mapping[str, augment.ViewSpec] | None = None) -> tf.data.Dataset:
     """The tf.data.Dataset behind `pretrain_batches` (same arguments, no defaults from jax)."""
+    views = dict(augment.VIEWS if views is None else views)
+    if sorted(views) != ["a", "b"]:
+        raise ValueError(f"views must map 'a' and 'b' to ViewSpecs, got keys {sorted(views)}")
     num_train = source.num_train
     local_batch, per_device_batch = check_batch_size(global_batch, num_train, process_count,
                                                      local_device_count)
@@ -132,8 +138,9 @@ def pretrain_dataset(source: Source, *, global_batch: int, image_size: int, seed
 
     def two_views(epoch, index, image, label):
         views = {
-            f"view_{v}": augment.augment_view(image, augment.view_seed(seed, epoch, index, v), view=v,
-                                              image_size=image_size, min_crop_scale=min_crop_scale)
+            f"view_{v}": augment.augment_view(image, augment.view_seed(seed, epoch, index, v),
+                                              view=views[v], image_size=image_size,
+                                              min_crop_scale=min_crop_scale)
             for v in ("a", "b")
         }
         views["label"] = label
@@ -158,7 +165,8 @@ def pretrain_batches(source: Source, *, global_batch: int, image_size: int, seed
                      start_step: int = 0, min_crop_scale: float = 0.08,
                      process_index: int | None = None, process_count: int | None = None,
                      local_device_count: int | None = None, num_epochs: int | None = None,
-                     num_workers: int | None = None, with_index: bool = False) -> Iterator[dict]:
+                     num_workers: int | None = None, with_index: bool = False,
+                     views: Mapping[str, augment.ViewSpec] | None = None) -> Iterator[dict]:
     """This process's pretraining batches from global step start_step on (infinite if num_epochs is None).
 
     Yields numpy dicts {"view_a", "view_b": float32 [L, per_device_batch, image_size, image_size, 3],
@@ -166,6 +174,8 @@ def pretrain_batches(source: Source, *, global_batch: int, image_size: int, seed
     (the example indices). L = local_device_count (default jax.local_device_count()),
     per_device_batch = global_batch / (process_count * L). The first batch yielded is global
     step start_step. num_workers: tf.data threads (default AUTOTUNE; never changes the bytes).
+    views: {"a": ViewSpec, "b": ViewSpec}, the two views' augmentations (default the official
+    recipe, augment.VIEWS).
     Raises ValueError before building anything when the batch does not fit the devices or data.
     """
     process_index = jax.process_index() if process_index is None else process_index
@@ -176,7 +186,7 @@ def pretrain_batches(source: Source, *, global_batch: int, image_size: int, seed
                           start_step=start_step, min_crop_scale=min_crop_scale,
                           process_index=process_index, process_count=process_count,
                           local_device_count=local_device_count, num_epochs=num_epochs,
-                          num_workers=num_workers, with_index=with_index)
+                          num_workers=num_workers, with_index=with_index, views=views)
     return _numpy_iterator(ds)
 
 
