@@ -50,6 +50,22 @@ def test_same_seed_same_bytes_whatever_the_parallelism(small):
     assert all(same(a, b) and same(a, c) for a, b, c in zip(first, again, one_thread))
 
 
+def test_views_can_change_the_recipe(small):
+    """The views argument reaches the augmentations: the official specs give the default bytes,
+    and view B without blur or solarize is different from the default view B, view A unchanged."""
+    import dataclasses
+    default = batches(small, 1)[0]
+    official = batches(small, 1, views=data.VIEWS)[0]
+    assert same(default, official)
+    plain_b = dict(data.VIEWS, b=dataclasses.replace(data.VIEWS["b"], blur_prob=1.0,
+                                                     solarize_prob=1.0))
+    changed = batches(small, 1, views=plain_b)[0]
+    assert np.array_equal(changed["view_a"], default["view_a"])
+    assert not np.array_equal(changed["view_b"], default["view_b"])
+    with pytest.raises(ValueError, match="views must map 'a' and 'b'"):
+        batches(small, 1, views={"a": data.VIEWS["a"]})
+
+
 def test_different_seed_differs(small):
     a, b = batches(small, 1)[0], batches(small, 1, seed=1)[0]
     assert not np.array_equal(a["view_a"], b["view_a"])

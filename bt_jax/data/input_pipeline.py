@@ -137,16 +137,16 @@ def pretrain_dataset(source: Source, *, global_batch: int, image_size: int, seed
         return tf.fill([local_batch], tf.ensure_shape(epoch, [])), idx, images, labels
 
     def two_views(epoch, index, image, label):
-        views = {
+        example = {
             f"view_{v}": augment.augment_view(image, augment.view_seed(seed, epoch, index, v),
                                               view=views[v], image_size=image_size,
                                               min_crop_scale=min_crop_scale)
             for v in ("a", "b")
         }
-        views["label"] = label
+        example["label"] = label
         if with_index:
-            views["index"] = tf.cast(index, tf.int32)
-        return views
+            example["index"] = tf.cast(index, tf.int32)
+        return example
 
     def split_devices(batch):
         return {k: tf.reshape(v, [local_device_count, per_device_batch, *v.shape[1:]])
