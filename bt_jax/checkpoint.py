@@ -37,8 +37,10 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
         return
     with open(path) as f:
         saved = json.load(f)
-    different = {key: (saved.get(key), config[key]) for key in RESUME_KEYS
-                 if saved.get(key) != config[key]}
+    # Compared as JSON holds them: tuples come back as lists.
+    given = json.loads(json.dumps({key: config[key] for key in RESUME_KEYS}))
+    different = {key: (saved.get(key), given[key]) for key in RESUME_KEYS
+                 if saved.get(key) != given[key]}
     if different:
         details = ", ".join(f"{key}: saved {old!r}, given {new!r}"
                             for key, (old, new) in different.items())

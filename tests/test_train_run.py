@@ -1,0 +1,136 @@
+"""The pretraining loop: determinism, logs, checkpoints, SIGKILL/SIGTERM, resume, the CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bt_jax
+from bt_jax import checkpoint
+from bt_jax import train
+from train_helpers import REPO, assert_bit_identical, restore_params, subprocess_env
+from train_helpers import tiny_config, trainer_command
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted run of 6 steps over 8 devices, in this process."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    state = train.train_and_evaluate(tiny_config(max_steps=6), workdir)
+    return workdir, jax.device_get(state.params)
+
+
+def test_same_seed_gives_bit_identical_parameters(reference_run, tmp_path):
+    _, params = reference_run
+    again = train.train_and_evaluate(tiny_config(max_steps=6), str(tmp_path / "again"))
+    assert_bit_identical(jax.device_get(again.params), params)
+    other = train.train_and_evaluate(tiny_config(max_steps=2, seed=1), str(tmp_path / "other"))
+    first_leaf = lambda p: jax.tree.leaves(p)[0]  # noqa: E731
+    assert not np.array_equal(first_leaf(jax.device_get(other.params)), first_leaf(params))
+
+
+def test_run_writes_logs_checkpoints_and_a_loadable_backbone(reference_run):
+    workdir, params = reference_run
+    lines = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
+    assert len(lines) >= 3
+    record = [json.loads(line) for line in lines if '"loss"' in line][-1]
+    for key in ("loss", "invariance", "redundancy", "lr_weights", "lr_biases",
+                "images_per_second", "data_wait_seconds"):
+        assert np.isfinite(record[key]), key
+    assert record["step"] == 6
+    for key in ("probe_loss", "probe_train_accuracy"):
+        assert 0 <= record[key] < 10, key
+    # 1500 digits / 256 = 5 steps an epoch: the epoch's end logged the probe's test accuracy.
+    records = [json.loads(line) for line in lines]
+    epoch_end = [r for r in records if "probe_test_accuracy" in r]
+    assert [r["step"] for r in epoch_end] == [5]
+    assert 0.0 <= epoch_end[0]["probe_test_accuracy"] <= 1.0
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]  # keep 2
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+    # The main job ended with the quick probes beside the random-init baseline.
+    quick = json.load(open(os.path.join(workdir, "eval_quick.json")))
+    assert quick["step"] == 6
+    for protocol in ("logreg", "knn"):
+        for setting in ("pretrained", "random_init"):
+            assert 0.0 <= quick["results"][protocol][setting]["top1"] <= 1.0
+    assert any("eval/knn_top1_random_init" in r for r in map(json.loads, lines))
+    module, variables = bt_jax.load_backbone(workdir)
+    assert_bit_identical(variables["params"], params["backbone"])
+    features = module.apply(variables, jnp.zeros((2, 16, 16, 3)), train=False)
+    assert features.shape == (2, 32)  # 8 * width, width 4
+
+
+def test_sigkill_and_resume_is_bit_identical(reference_run, tmp_path):
+    reference_dir, reference_params = reference_run
+    workdir = str(tmp_path / "killed")
+    command = trainer_command(workdir, max_steps=6, checkpoint_every_steps=1)
+    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if os.path.isdir(os.path.join(checkpoints, "3")):
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, process.stderr.read().decode()[-3000:]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = max(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+    assert 3 <= killed_at < 6
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    params, step = restore_params(workdir)
+    assert step == 6
+    assert_bit_identical(params, reference_params)
+    # The resumed run appended to the same log.
+    steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert steps[-1] == 6
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    workdir = str(tmp_path / "preempted")
+    command = trainer_command(workdir, max_steps=1000, num_epochs=200,
+                              checkpoint_every_steps=1000)
+    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(1),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if os.path.exists(metrics) and os.path.getsize(metrics) > 0:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+    assert len(saved) == 1 and 2 <= saved[0] < 1000
+    assert "Stopped by a signal" in stderr
+
+
+def test_resuming_with_an_incompatible_config_is_refused(reference_run):
+    workdir, _ = reference_run
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match="width: saved 4, given 8"):
+        train.train_and_evaluate(tiny_config(max_steps=8, width=8), workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+def test_the_default_recipe_runs_end_to_end_with_no_flags(tmp_path):
+    """`python -m bt_jax.train` as a new user types it (here stopped after 2 steps)."""
+    result = subprocess.run([sys.executable, "-m", "bt_jax.train", "--config.max_steps=2"],
+                            cwd=tmp_path, env=subprocess_env(1), capture_output=True, text=True,
+                            timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    workdir = tmp_path / "runs" / "default"
+    assert (workdir / "checkpoints" / "2").is_dir()
+    assert (workdir / "backbone.msgpack").exists()
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["dataset"] == "digits" and saved["model"] == "resnet18"
