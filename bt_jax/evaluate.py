@@ -1036,23 +1036,30 @@ def _record(protocol: str, step: int | None, config, results: dict, seconds: flo
 
 def evaluate_checkpoints(workdir: str, protocols: Sequence[str] = QUICK_PROTOCOLS, *,
                          baselines: bool = True,
-                         overrides: Mapping[str, Any] | None = None) -> list[dict]:
+                         overrides: Mapping[str, Any] | None = None,
+                         steps: Sequence[int] | None = None) -> list[dict]:
     """Every retained checkpoint of a run, for accuracy-over-training curves.
 
     Returns one record per step, oldest first: {"step", "results": {protocol: {"pretrained",
     "random_init", ...}}} (the baselines are computed once and repeated). Writes them to
     ``WORKDIR/eval_checkpoints.json`` and the accuracies to TensorBoard at each step. Only
     config.keep_checkpoints checkpoints are retained by pretraining: raise it for a denser curve.
+    steps: a subset of the retained steps (default all of them).
     """
     start = time.perf_counter()
     protocols = [check_protocol(p) for p in protocols]
     config = load_run_config(workdir, overrides)
-    steps = checkpoint_steps(workdir)
-    if not steps:
+    retained = checkpoint_steps(workdir)
+    if not retained:
         raise NoCheckpointError(
             f"No checkpoints in {_checkpoint_dir(workdir)}. Pretrain with python -m bt_jax.train "
             f"--workdir={workdir} (checkpoints every config.checkpoint_every_steps steps, "
             "config.keep_checkpoints of them kept).")
+    missing = sorted(set(steps or ()) - set(retained))
+    if missing:
+        raise NoCheckpointError(f"No checkpoints of steps {missing} in {_checkpoint_dir(workdir)}; "
+                                f"retained: {retained}.")
+    steps = sorted(steps) if steps else retained
     module = build_backbone(config)
     load_backbone_variables(workdir, config, steps[-1])  # an architecture error before any work
     source = load_labelled_source(config)

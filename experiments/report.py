@@ -109,6 +109,8 @@ def main() -> None:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--reevaluate", action="store_true")
+    parser.add_argument("--epochs", default="",
+                        help="comma-separated epochs to evaluate (default every checkpoint)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     config = evaluate.load_run_config(args.workdir)
@@ -120,7 +122,8 @@ def main() -> None:
 
     curve_path = os.path.join(args.workdir, "eval_checkpoints.json")
     if args.reevaluate or not os.path.exists(curve_path):
-        evaluate.evaluate_checkpoints(args.workdir)
+        steps = [int(e) * steps_per_epoch for e in args.epochs.split(",") if e] or None
+        evaluate.evaluate_checkpoints(args.workdir, steps=steps)
     with open(curve_path) as f:
         curve = json.load(f)["checkpoints"]
     plot_accuracy(curve, steps_per_epoch, os.path.join(args.out, "accuracy.png"))

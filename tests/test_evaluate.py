@@ -231,6 +231,11 @@ def test_evaluate_quick_and_every_checkpoint(run_dir):
     # The baseline is computed once and is the same at every step.
     assert records[0]["results"]["knn"]["random_init"] == quick["knn"]["random_init"]
     assert os.path.exists(os.path.join(run_dir, "eval_checkpoints.json"))
+    subset = ev.evaluate_checkpoints(run_dir, ("knn",), steps=[2], baselines=False)
+    assert [r["step"] for r in subset] == [2]
+    assert subset[0]["results"]["knn"]["pretrained"] == quick["knn"]["pretrained"]
+    with pytest.raises(ev.NoCheckpointError, match=r"steps \[5\]"):
+        ev.evaluate_checkpoints(run_dir, ("knn",), steps=[5])
 
 
 def test_checkpoints_load_whatever_else_the_state_holds(run_dir, tmp_path):
