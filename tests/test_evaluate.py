@@ -20,16 +20,14 @@ from bt_jax import data
 from bt_jax import evaluate as ev
 from bt_jax import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train_helpers import REPO
+from train_helpers import tiny_config as tiny_training_config
 
 
 def tiny_config(**overrides):
-    """A pretraining config that compiles and steps in seconds on the CPU."""
-    config = config_lib.get_config()
-    config.update(dict(
-        batch_size=32, image_size=16, eval_resize=16, width=4, projector="32-32",
-        num_epochs=2, warmup_epochs=1, max_steps=2, log_every_steps=1,
-        checkpoint_every_steps=1, correlation_image_dims=16))
+    """The trainers' tiny config, as a 2-step run at batch 32 with a checkpoint every step."""
+    config = tiny_training_config(batch_size=32, max_steps=2, log_every_steps=1,
+                                  checkpoint_every_steps=1)
     config.eval.at_end = False  # the quick evaluation is tested here, not run by the fixture
     config.update(overrides)
     return config
