@@ -121,7 +121,6 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
     require(config.batch_size % device_count == 0, "batch_size",
             f"the global batch must divide evenly over the {device_count} devices; use a "
             f"multiple of {device_count}.")
-    require(config.batch_size // device_count >= 1, "batch_size", "too small for the devices.")
     require(0 <= config.warmup_epochs <= config.num_epochs, "warmup_epochs",
             f"must be between 0 and num_epochs ({config.num_epochs}).")
     require(config.max_steps == -1 or config.max_steps > 0, "max_steps",
