@@ -1,0 +1,64 @@
+"""The edge of every command line: one ``error: ...`` line for anything a user can fix.
+
+    python -m bt_jax.train ... --verbose      # or BT_JAX_VERBOSE=1: tracebacks for bug reports
+
+:func:`run` calls a CLI's main function and turns :class:`bt_jax.errors.Error`, I/O errors and
+interrupts into one line on stderr and an exit status: 1 for an error, 130 for Ctrl-C. Anything
+else is a bug: one line too, saying so and how to see the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, NoReturn
+
+from bt_jax import errors
+
+VERBOSE_ENV = "BT_JAX_VERBOSE"
+
+
+def verbose_requested(argv: list[str] | None = None) -> bool:
+    """Whether ``--verbose`` is on the command line or ``BT_JAX_VERBOSE`` is set (not 0/false)."""
+    argv = sys.argv if argv is None else argv
+    env = os.environ.get(VERBOSE_ENV, "").strip().lower()
+    return "--verbose" in argv or env not in ("", "0", "false", "no")
+
+
+def strip_verbose(argv: list[str]) -> list[str]:
+    """argv without ``--verbose`` (for parsers that do not define it)."""
+    return [arg for arg in argv if arg != "--verbose"]
+
+
+def describe(error: BaseException) -> str:
+    """The one-line message for an error: its own text, or what an OSError was about."""
+    if isinstance(error, errors.Error):
+        message = str(error)
+    elif isinstance(error, OSError):
+        what = error.strerror or str(error)
+        where = f" ({error.filename})" if error.filename else ""
+        message = f"{what}{where}. Check the path, its permissions and the free space."
+    else:
+        message = (f"{type(error).__name__}: {error}. This is probably a bug in bt_jax; rerun "
+                   f"with --verbose (or {VERBOSE_ENV}=1) for the traceback and report it.")
+    return " ".join(message.split())  # one line, whatever the message held
+
+
+def run(main: Callable[[], int | None], *, verbose: bool | None = None) -> NoReturn:
+    """Runs ``main()`` and exits with its status; errors become one ``error:`` line."""
+    verbose = verbose_requested() if verbose is None else verbose
+    try:
+        status = main()
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        if verbose:
+            raise
+        sys.stderr.write("error: interrupted (Ctrl-C).\n")
+        sys.exit(130)
+    except Exception as error:  # noqa: BLE001 - the edge: everything becomes one line
+        if verbose:
+            raise
+        sys.stderr.write(f"error: {describe(error)}\n")
+        sys.exit(1)
+    sys.exit(status or 0)
