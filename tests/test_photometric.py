@@ -30,14 +30,21 @@ def random_image(shape=(20, 24, 3), seed=0):
 
 # ----------------------------------------------------------------------------- twins
 # The device ops work in pixel steps of 2^-15 (integers: the same bytes on every device count);
-# their TF twins in float32. They agree to a few steps, far below a uint8 level (128 steps).
+# their TF twins in float32 on the uint8 scale [0, 255]. They agree to a few steps, far below a
+# uint8 level (128 steps).
 STEP = 1.0 / photometric.ONE
 
 
 def fixed_image(shape=(20, 24, 3), seed=0):
-    """(int32 pixel steps, the same values as float32) of a random image."""
+    """(int32 pixel steps, the same values as float32 on the uint8 scale) of a random image."""
     x = np.round(random_image(shape, seed) * photometric.ONE).astype(np.int32)
-    return x, (x / photometric.ONE).astype(np.float32)
+    return x, tf.constant(x / photometric.ONE * 255.0, tf.float32)
+
+
+def assert_twins(device, host, steps):
+    """device: int32 pixel steps; host: float32 on the uint8 scale."""
+    np.testing.assert_allclose(np.asarray(photometric.from_fixed(device)), host.numpy() / 255.0,
+                               rtol=0, atol=steps * STEP)
 
 
 @pytest.mark.parametrize("name, factor", [
@@ -47,37 +54,28 @@ def fixed_image(shape=(20, 24, 3), seed=0):
 def test_jitter_ops_equal_their_tf_twins(name, factor):
     x_q, x = fixed_image()
     param = photometric.hue_q(factor) if name == "hue" else photometric.factor_q(factor)
-    device = photometric.from_fixed(jax.jit(getattr(photometric, f"adjust_{name}"))(x_q, param))
-    host = getattr(augment, f"adjust_{name}")(tf.constant(x), factor).numpy()
+    device = jax.jit(getattr(photometric, f"adjust_{name}"))(x_q, param)
     # A few pixel steps of rounding, and factors in steps of 2^-12 (= 8 pixel steps).
-    np.testing.assert_allclose(np.asarray(device), host, rtol=0, atol=6 * STEP)
+    assert_twins(device, getattr(augment, f"adjust_{name}")(x, factor), 6)
 
 
 def test_grayscale_blur_solarize_equal_their_tf_twins():
     x_q, x = fixed_image()
-    np.testing.assert_allclose(np.asarray(photometric.from_fixed(photometric.grayscale(x_q))),
-                               tf.image.rgb_to_grayscale(x).numpy(), rtol=0, atol=STEP)
-    np.testing.assert_allclose(np.asarray(photometric.from_fixed(photometric.to_grayscale(x_q))),
-                               augment.to_grayscale(tf.constant(x)).numpy(), rtol=0, atol=STEP)
+    assert_twins(photometric.grayscale(x_q), tf.image.rgb_to_grayscale(x), 1)
+    assert_twins(photometric.to_grayscale(x_q), augment.to_grayscale(x), 1)
     for level in (0, 77, photometric.BLUR_LEVELS - 1):
         sigma = float(photometric.BLUR_TABLE_SIGMAS[level])
-        device = photometric.from_fixed(jax.jit(photometric.gaussian_blur)(x_q, level))
-        np.testing.assert_allclose(np.asarray(device),
-                                   augment.gaussian_blur(tf.constant(x), sigma).numpy(),
-                                   rtol=0, atol=3 * STEP)
+        device = jax.jit(photometric.gaussian_blur)(x_q, level)
+        assert_twins(device, augment.gaussian_blur(x, sigma), 3)
     assert photometric.BLUR_TABLE_SIGMAS[[0, -1]].tolist() == list(data.views.BLUR_SIGMA)
     assert (photometric.BLUR_TABLE.sum(axis=1) == photometric.ONE).all()
     # Solarize on the uint8 levels around the threshold: exactly PIL's (>= 128 inverted).
     levels = np.arange(120, 136, dtype=np.uint8).reshape(1, -1, 1).repeat(3, axis=2)
-    device = photometric.from_fixed(photometric.solarize(photometric.to_fixed(levels)))
-    host = augment.solarize(tf.constant(levels / 255.0, tf.float32)).numpy()
-    np.testing.assert_allclose(np.asarray(device), host, rtol=0, atol=STEP)
-    value = levels / 255.0
-    np.testing.assert_allclose(np.asarray(device), np.where(levels >= 128, 1 - value, value),
-                               rtol=0, atol=STEP)
-    device = photometric.from_fixed(photometric.solarize(x_q))
-    np.testing.assert_allclose(np.asarray(device), augment.solarize(tf.constant(x)).numpy(),
-                               rtol=0, atol=STEP)
+    device = photometric.solarize(photometric.to_fixed(levels))
+    host = augment.solarize(tf.constant(levels, tf.float32))
+    assert_twins(device, host, 1)
+    np.testing.assert_array_equal(host.numpy(), np.where(levels >= 128, 255 - levels, levels))
+    assert_twins(photometric.solarize(x_q), augment.solarize(x), 1)
 
 
 def test_normalize_and_host_mode():

@@ -8,12 +8,12 @@ seed from (seed, epoch, example index, view). The recipe and its probabilities a
 photometric.py is the device-side twin of the photometric ops here.
 
 Where the semantics differ from torchvision/PIL (the official code runs PIL transforms), and why:
-- Rounding to uint8: the crop, flip and resize end in uint8 (rounded half to even, like every
-  view that leaves the host), and with photometric="host" the photometric ops run in float32 on
-  [0, 1] and the view is rounded to uint8 once more at the end. PIL rounds to uint8 after every
-  step; two roundings add at most one level of quantisation noise and the uint8 views are 4x
-  fewer bytes to send to the accelerator than float32. Normalisation happens on the device
-  (photometric.normalize).
+- Rounding to uint8: the crop, flip and resize end in integer values (rounded half to even,
+  like every view that leaves the host as uint8), and with photometric="host" the photometric
+  ops run in float32 on that uint8 scale, [0, 255], and the view is rounded once more at the
+  end. PIL rounds to uint8 after every step; two roundings add at most one level of
+  quantisation noise, and uint8 views are 4x fewer bytes to send to the accelerator than
+  float32. Normalisation happens on the device (photometric.normalize).
 - RandomResizedCrop follows torchvision's sampler exactly (10 attempts of area ~ U(scale),
   log-aspect ~ U(log ratio), round-half-even sides, first valid attempt, else a centre crop
   clamped to the ratio range). We do not use `tf.image.stateless_sample_distorted_bounding_box`
@@ -150,26 +150,29 @@ def decode_image(image: tf.Tensor) -> tf.Tensor:
     return tf.image.grayscale_to_rgb(pixels) if pixels.shape[-1] == 1 else pixels
 
 
-def _to_uint8(x: tf.Tensor) -> tf.Tensor:
-    """float in [0, 255] -> uint8, rounded half to even."""
-    return tf.cast(tf.round(tf.clip_by_value(x, 0.0, 255.0)), tf.uint8)
-
-
 def _crop_resize_flip(pixels: tf.Tensor, window: tf.Tensor, flip: tf.Tensor,
                       image_size: int) -> tf.Tensor:
+    """float32 [image_size, image_size, C]: the resized crop, flipped or not, rounded to integers
+    in [0, 255] (the uint8 values, kept as floats for the photometric ops)."""
     crop = pixels[window[0]:window[0] + window[2], window[1]:window[1] + window[3]]
     # uint8 in: ScaleAndTranslate converts once, inside the op.
-    x = _to_uint8(tf.image.resize(crop, [image_size, image_size], method="bicubic",
-                                  antialias=True))
-    x = tf.cond(flip, lambda: tf.reverse(x, axis=[1]), lambda: x)
-    if x.shape[-1] == 1:  # resized on one channel, 3x less work
-        x = tf.image.grayscale_to_rgb(x)
-    return tf.ensure_shape(x, [image_size, image_size, 3])
+    x = tf.image.resize(crop, [image_size, image_size], method="bicubic", antialias=True)
+    x = tf.round(tf.clip_by_value(x, 0.0, 255.0))
+    # A select, not a cond: at 32 px a cond's function call costs more than the reverse.
+    return tf.where(flip, tf.reverse(x, axis=[1]), x)
+
+
+def _to_rgb_uint8(x: tf.Tensor) -> tf.Tensor:
+    """Integer-valued float [H, W, 1 or 3] in [0, 255] -> uint8 [H, W, 3]."""
+    x = tf.cast(x, tf.uint8)
+    return tf.image.grayscale_to_rgb(x) if x.shape[-1] == 1 else x
 
 
 # --------------------------------------------------------------------------- photometric ops
-# x: float32 [H, W, 3] in [0, 1]. Formulations with few passes over the image: each pass is
-# what costs on a CPU core at 224 px.
+# x: float32 [H, W, 3] on the uint8 scale, [0, 255] (white = WHITE): the pipeline keeps the
+# rounded resize as floats, so no scaling pass is spent on either side. Formulations with few
+# passes over the image: each pass is what costs on a CPU core at 224 px.
+WHITE = 255.0
 
 
 def grayscale(x: tf.Tensor) -> tf.Tensor:
@@ -179,13 +182,13 @@ def grayscale(x: tf.Tensor) -> tf.Tensor:
 
 
 def adjust_brightness(x: tf.Tensor, factor) -> tf.Tensor:
-    """torchvision: multiply, clamp to [0, 1] (x >= 0 and factor > 0: only the top can clip)."""
-    return tf.minimum(x * factor, 1.0)
+    """torchvision: multiply, clamp (x >= 0 and factor > 0: only the top can clip)."""
+    return tf.minimum(x * factor, WHITE)
 
 
 def _blend(a: tf.Tensor, b: tf.Tensor, factor) -> tf.Tensor:
     # torchvision's _blend: factor * a + (1 - factor) * b, clamped.
-    return tf.clip_by_value(factor * a + (1.0 - factor) * b, 0.0, 1.0)
+    return tf.clip_by_value(factor * a + (1.0 - factor) * b, 0.0, WHITE)
 
 
 def adjust_contrast(x: tf.Tensor, factor) -> tf.Tensor:
@@ -199,13 +202,13 @@ def adjust_saturation(x: tf.Tensor, factor) -> tf.Tensor:
 
 
 def adjust_hue(x: tf.Tensor, delta) -> tf.Tensor:
-    """Hue rotation by delta turns (TF's AdjustHue kernel; its output stays within the input's
-    channel range, so it needs no clamp)."""
+    """Hue rotation by delta turns (TF's AdjustHue kernel: independent of the scale, and its
+    output stays within each pixel's channel range, so it needs no clamp)."""
     return tf.image.adjust_hue(x, delta)
 
 
 def color_jitter(x: tf.Tensor, seed, spec: ViewSpec) -> tf.Tensor:
-    """torchvision ColorJitter on float [H, W, 3] in [0, 1]: four operations in a random order."""
+    """torchvision ColorJitter on float [H, W, 3]: four operations in a random order."""
     s = tf.random.experimental.stateless_split(seed, num=2, alg=RNG_ALG)
     u = _uniform(s[0], (4,))
     brightness = 1.0 - spec.brightness + 2.0 * spec.brightness * u[0]
@@ -249,11 +252,11 @@ def gaussian_blur(x: tf.Tensor, sigma) -> tf.Tensor:
 
 
 def solarize(x: tf.Tensor) -> tf.Tensor:
-    """PIL's ImageOps.solarize(img, 128) on float [0, 1]: invert values >= 128/255.
+    """PIL's ImageOps.solarize(img, 128): invert values >= 128 (of 255).
 
-    |x - 1| is exactly 1 - x, and this is several times faster than tf.where on a CPU core.
+    |x - 255| is exactly 255 - x, and this is several times faster than tf.where on a CPU core.
     """
-    return tf.abs(x - tf.cast(x >= views_lib.SOLARIZE_THRESHOLD, x.dtype))
+    return tf.abs(x - WHITE * tf.cast(x >= views_lib.SOLARIZE_THRESHOLD * WHITE, x.dtype))
 
 
 def _maybe(coin: tf.Tensor, prob: float, fn, x: tf.Tensor) -> tf.Tensor:
@@ -264,15 +267,16 @@ def _maybe(coin: tf.Tensor, prob: float, fn, x: tf.Tensor) -> tf.Tensor:
     return tf.cond(coin < prob, lambda: fn(x), lambda: x)
 
 
-def photometric_view(view: tf.Tensor, draws: _Draws, spec: ViewSpec) -> tf.Tensor:
-    """uint8 [H, W, 3] -> uint8: jitter, grayscale, blur, solarize in float, rounded once."""
-    x = tf.cast(view, tf.float32) * (1.0 / 255.0)
+def photometric_view(x: tf.Tensor, draws: _Draws, spec: ViewSpec) -> tf.Tensor:
+    """Integer-valued float [H, W, 3] in [0, 255] -> jitter, grayscale, blur, solarize in float,
+    rounded once: float [H, W, 3], integer-valued in [0, 255]."""
     x = _maybe(draws.coins[1], spec.jitter_prob, lambda y: color_jitter(y, draws.jitter, spec), x)
     x = _maybe(draws.coins[2], spec.grayscale_prob, to_grayscale, x)
     sigma = _uniform(draws.sigma, (), views_lib.BLUR_SIGMA[0], views_lib.BLUR_SIGMA[1])
     x = _maybe(draws.coins[3], spec.blur_prob, lambda y: gaussian_blur(y, sigma), x)
     x = _maybe(draws.coins[4], spec.solarize_prob, solarize, x)
-    return _to_uint8(x * 255.0)
+    # Every op keeps [0, 255] (clamps, convex blur, hue within each pixel's range): no clamp.
+    return tf.round(x)
 
 
 # --------------------------------------------------------------------------- views
@@ -299,8 +303,10 @@ def augment_views(image: tf.Tensor, seeds: Sequence, specs: Sequence[str | ViewS
     for d, spec, window in zip(draws, specs, windows):
         x = _crop_resize_flip(pixels, window, d.coins[0] < spec.flip_prob, image_size)
         if photometric == "host":
+            if x.shape[-1] == 1:
+                x = tf.tile(x, [1, 1, 3])
             x = photometric_view(x, d, spec)
-        out.append(x)
+        out.append(tf.ensure_shape(_to_rgb_uint8(x), [image_size, image_size, 3]))
     return out
 
 
@@ -330,7 +336,5 @@ def eval_transform(image: tf.Tensor, *, image_size: int,
     x = tf.image.resize(x, new, method="bilinear", antialias=True)
     top = tf.cast(tf.round(tf.cast(new[0] - image_size, tf.float32) / 2.0), tf.int32)
     left = tf.cast(tf.round(tf.cast(new[1] - image_size, tf.float32) / 2.0), tf.int32)
-    x = _to_uint8(x[top:top + image_size, left:left + image_size])
-    if x.shape[-1] == 1:
-        x = tf.image.grayscale_to_rgb(x)
-    return tf.ensure_shape(x, [image_size, image_size, 3])
+    x = tf.round(tf.clip_by_value(x[top:top + image_size, left:left + image_size], 0.0, 255.0))
+    return tf.ensure_shape(_to_rgb_uint8(x), [image_size, image_size, 3])

@@ -169,7 +169,8 @@ start, pairs = time.perf_counter(), 0
 while time.perf_counter() - start < seconds:
     next(it)
     pairs += batch
-print(pairs / (time.perf_counter() - start))
+print(pairs / (time.perf_counter() - start), flush=True)
+os._exit(0)  # older pipelines could hang at interpreter exit (tf.data threads in a numpy hop)
 """
 
 
@@ -178,8 +179,58 @@ def baseline_rate(checkout: str, core: int, folder: str, image_size: int, batch:
     env = dict(os.environ, PYTHONPATH=checkout, TF_CPP_MIN_LOG_LEVEL="3")
     out = subprocess.run([sys.executable, "-c", _BASELINE_SNIPPET, str(core), folder,
                           str(image_size), str(batch), str(seconds)],
-                         env=env, cwd=checkout, capture_output=True, text=True, check=True)
+                         env=env, cwd=checkout, capture_output=True, text=True, check=True,
+                         timeout=600)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def decode_only_batches(source, batch: int):
+    """The host pipeline's read and JPEG decode (union of two crop windows) and nothing else."""
+    from bt_jax.data import augment
+    from bt_jax.data.tf_runtime import tf
+
+    images = source.split("pretrain").images
+
+    def decode(i):
+        seeds = [augment.view_seed(0, 0, i, v) for v in ("a", "b")]
+        pixels, _ = augment._decode_windows(
+            tf.gather(tf.constant(images), i % len(images)), lambda h, w: [
+                augment.random_resized_crop_window(augment._Draws(s).crop, h, w) for s in seeds])
+        return tf.reduce_sum(tf.cast(pixels[:1, :1], tf.int32))  # keep the decode, drop pixels
+
+    ds = tf.data.Dataset.counter().map(decode, num_parallel_calls=1).batch(batch)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 1
+    options.threading.max_intra_op_parallelism = 1
+    return ds.prefetch(2).with_options(options).as_numpy_iterator()
+
+
+def profile_cases(source) -> list:
+    """(stage, make iterator): the host pipeline at 224 px with one operation added at a time,
+    every added operation forced on (probability 1) in both views."""
+    from bt_jax import data
+
+    off = data.ViewSpec(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0)
+    stages = [("read + JPEG decode (union of both crop windows)", None),
+              ("+ crop, resize, flip, uint8: photometric=device", "device")]
+    for name, change in (("+ float and back to uint8 (no photometric op)", {}),
+                         ("+ colour jitter (p = 1)", {"jitter_prob": 1.0}),
+                         ("+ grayscale (p = 1)", {"grayscale_prob": 1.0}),
+                         ("+ Gaussian blur (p = 1)", {"blur_prob": 1.0}),
+                         ("+ solarize (p = 1)", {"solarize_prob": 1.0})):
+        stages.append((name, data.ViewSpec(**{**off.__dict__, **change})))
+    stages.append(("the official recipe: photometric=host", "host"))
+    cases = []
+    for name, what in stages:
+        if what is None:
+            cases.append((name, lambda: decode_only_batches(source, 32)))
+        elif isinstance(what, str):
+            cases.append((name, lambda mode=what: bt_jax_batches(source, 224, 32, mode)))
+        else:
+            cases.append((name, lambda spec=what: data.pretrain_batches(
+                source, global_batch=32, image_size=224, seed=0, views={"a": spec, "b": spec},
+                process_index=0, process_count=1, num_workers=1)))
+    return cases
 
 
 def measure(make, batch: int, seconds: float, warmup: int = 2) -> float:
@@ -206,6 +257,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the table gives medians")
     parser.add_argument("--core", type=int, default=0, help="the CPU core everything runs on")
     parser.add_argument("--sizes", default="32,224", help="output sizes to measure: 32, 224")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: where the host pipeline's time goes at 224 px")
     args = parser.parse_args(argv)
     sizes = {int(s) for s in args.sizes.split(",")}
     pin_to_core(args.core)
@@ -227,7 +280,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         groups = []  # (title, image_size, batch, [(case name, make iterator or rate fn)])
-        if 32 in sizes:
+        if 32 in sizes and not args.profile:
             small = photo_crops(512, 32, 32)
             folder32 = os.path.join(tmp, "jpeg32")
             write_jpegs(small, folder32)
@@ -245,7 +298,7 @@ def main(argv=None) -> int:
                 cases.append((f"bt_jax at {args.baseline}, 32 x 32 JPEG files",
                               ("baseline", folder32)))
             groups.append(("32 px", 32, 128, cases))
-        if 224 in sizes:
+        if 224 in sizes and not args.profile:
             folder224 = os.path.join(tmp, "jpeg224")
             write_jpegs(photo_crops(128, 375, 500, seed=1), folder224)
             files224 = data.load_source("folder", folder224)
@@ -260,6 +313,11 @@ def main(argv=None) -> int:
                               ("baseline", folder224)))
             groups.append(("224 px", 224, 32, cases))
 
+        if args.profile:
+            folder224 = os.path.join(tmp, "jpeg224")
+            write_jpegs(photo_crops(128, 375, 500, seed=1), folder224)
+            groups = [("224 px, where the time goes", 224, 32,
+                       profile_cases(data.load_source("folder", folder224)))]
         rates = {name: [] for _, _, _, cases in groups for name, _ in cases}
         for round_ in range(args.repeats):
             for _, size, batch, cases in groups:
@@ -277,6 +335,21 @@ def main(argv=None) -> int:
     print(f"CPU: one core (core {args.core}) of {os.cpu_count()}; TF {tf.__version__}; "
           f"{args.repeats} alternating rounds of ~{args.seconds:g} s per case; load average "
           f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)\n")
+    if args.profile:
+        _, _, batch, cases = groups[0]
+        print(f"**Where the host pipeline's time goes** (224 px, batch {batch}, one core)\n")
+        print("| stage | pairs/s (median) | ms per pair | ms per pair added by the stage |")
+        print("| --- | --- | --- | --- |")
+        previous = None
+        for index, (name, _) in enumerate(cases):
+            ms = 1000.0 / float(np.median(rates[name]))
+            base = previous if index < 3 else stage_base  # photometric ops: each vs stage 3
+            added = "" if base is None else f"{ms - base:+.2f}"
+            print(f"| {name} | {float(np.median(rates[name])):,.1f} | {ms:.2f} | {added} |")
+            if index == 2:
+                stage_base = ms
+            previous = ms
+        return 0
     for title, size, batch, cases in groups:
         reference = next((n for n, _ in cases if n.startswith("torchvision")), None)
         print(f"**{title}** (batch {batch})\n")
