@@ -101,17 +101,18 @@ def _numpy_iterator(ds: tf.data.Dataset):
 
 def pretrain_dataset(source: Source, *, global_batch: int, image_size: int, seed: int,
                      start_step: int = 0, min_crop_scale: float = 0.08,
-                     process_index: int = 0, process_count: int = 1, local_device_count: int = 1,
+                     process_index: int = 0, process_count: int = 1,
                      num_epochs: int | None = None, num_workers: int | None = None,
-                     with_index: bool = False,
-                     views: Mapping[str, augment.ViewSpec] | None = None) -> tf.data.Dataset:
+                     views: Mapping[str, augment.ViewSpec] | None = None,
+                     photometric: str = "host") -> tf.data.Dataset:
     """The tf.data.Dataset behind `pretrain_batches` (same arguments, no defaults from jax)."""
     views = dict(augment.VIEWS if views is None else views)
     if sorted(views) != ["a", "b"]:
         raise ValueError(f"views must map 'a' and 'b' to ViewSpecs, got keys {sorted(views)}")
     num_train = source.num_train
-    local_batch, per_device_batch = check_batch_size(global_batch, num_train, process_count,
-                                                     local_device_count)
+    local_batch, _ = check_batch_size(global_batch, num_train, process_count, 1)
+    if photometric != "host":
+        raise NotImplementedError("photometric='device' is not implemented yet")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
     if start_step < 0 or seed < 0:
@@ -138,35 +139,36 @@ def pretrain_dataset(source: Source, *, global_batch: int, image_size: int, seed
 
     def two_views(epoch, index, image, label):
         example = {
-            f"view_{v}": augment.augment_view(image, augment.view_seed(seed, epoch, index, v),
-                                              view=views[v], image_size=image_size,
-                                              min_crop_scale=min_crop_scale)
+            f"view_{v}": _to_uint8(augment.augment_view(
+                image, augment.view_seed(seed, epoch, index, v), view=views[v],
+                image_size=image_size, min_crop_scale=min_crop_scale, normalise=False))
             for v in ("a", "b")
         }
         example["label"] = label
-        if with_index:
-            example["index"] = tf.cast(index, tf.int32)
+        example["index"] = tf.cast(index, tf.int32)
+        example["epoch"] = tf.cast(epoch, tf.int32)
         return example
-
-    def split_devices(batch):
-        return {k: tf.reshape(v, [local_device_count, per_device_batch, *v.shape[1:]])
-                for k, v in batch.items()}
 
     end = None if num_epochs is None else num_epochs * (num_train // global_batch)
     steps = (tf.data.Dataset.counter(start_step) if end is None
              else tf.data.Dataset.range(start_step, max(start_step, end)))
     ds = steps.map(read_step).unbatch()
     ds = ds.map(two_views, num_parallel_calls=parallel, deterministic=True)
-    ds = ds.batch(local_batch, drop_remainder=True).map(split_devices)
+    ds = ds.batch(local_batch, drop_remainder=True)
     return ds.prefetch(AUTOTUNE).with_options(_options(num_workers))
+
+
+def _to_uint8(x: tf.Tensor) -> tf.Tensor:
+    """[0, 1] floats -> uint8, rounded (as PIL stores every intermediate image)."""
+    return tf.cast(tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0), tf.uint8)
 
 
 def pretrain_batches(source: Source, *, global_batch: int, image_size: int, seed: int,
                      start_step: int = 0, min_crop_scale: float = 0.08,
                      process_index: int | None = None, process_count: int | None = None,
-                     local_device_count: int | None = None, num_epochs: int | None = None,
-                     num_workers: int | None = None, with_index: bool = False,
-                     views: Mapping[str, augment.ViewSpec] | None = None) -> Iterator[dict]:
+                     num_epochs: int | None = None, num_workers: int | None = None,
+                     views: Mapping[str, augment.ViewSpec] | None = None,
+                     photometric: str = "host") -> Iterator[dict]:
     """This process's pretraining batches from global step start_step on (infinite if num_epochs is None).
 
     Yields numpy dicts {"view_a", "view_b": float32 [L, per_device_batch, image_size, image_size, 3],
@@ -180,44 +182,100 @@ def pretrain_batches(source: Source, *, global_batch: int, image_size: int, seed
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    local_device_count = jax.local_device_count() if local_device_count is None else local_device_count
-    check_batch_size(global_batch, source.num_train, process_count, local_device_count)
+    check_batch_size(global_batch, source.num_train, process_count, 1)
     ds = pretrain_dataset(source, global_batch=global_batch, image_size=image_size, seed=seed,
                           start_step=start_step, min_crop_scale=min_crop_scale,
                           process_index=process_index, process_count=process_count,
-                          local_device_count=local_device_count, num_epochs=num_epochs,
-                          num_workers=num_workers, with_index=with_index, views=views)
+                          num_epochs=num_epochs, num_workers=num_workers, views=views,
+                          photometric=photometric)
     return _numpy_iterator(ds)
 
 
 def eval_batches(source: Source, *, split: str, batch_size: int, image_size: int,
-                 resize_size: int | None = None,
-                 num_workers: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Every example of split ("train" or "test") once, in order, un-augmented.
+                 resize_size: int | None = None, process_index: int = 0, process_count: int = 1,
+                 num_workers: int | None = None) -> Iterator[dict]:
+    """Every example of split ("train" or "test") once, in order, un-augmented, sharded.
 
-    Yields (images float32 [B, image_size, image_size, 3], labels int32 [B]); the last batch may
-    be smaller. Transform: resize the short side to resize_size (default image_size), centre
-    crop, normalise (augment.eval_transform).
+    Global batch k holds examples [k * batch_size, (k + 1) * batch_size); process p yields rows
+    [p * b, (p + 1) * b) of it (b = batch_size // process_count) as {"image": uint8 [b, H, W, 3],
+    "label": int32 [b] (-1 for padding), "mask": bool [b] (False for padding)}; the last global
+    batch is padded so that every process yields ceil(N / batch_size) batches.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if batch_size <= 0 or batch_size % process_count:
+        raise ValueError(f"batch_size {batch_size} must be a positive multiple of the "
+                         f"{process_count} processes")
     data = source.split(split)
     read = data.reader()
-    ds = tf.data.Dataset.range(data.num_examples).batch(batch_size).map(read).unbatch()
-    ds = ds.map(lambda image, label: (augment.eval_transform(image, image_size=image_size,
-                                                             resize_size=resize_size), label),
-                num_parallel_calls=num_workers or AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size).prefetch(AUTOTUNE).with_options(_options(num_workers))
+    num_examples = data.num_examples
+    local = batch_size // process_count
+    num_batches = -(-num_examples // batch_size)
+
+    def rows(k):
+        start = k * batch_size + process_index * local
+        index = start + tf.range(local, dtype=tf.int64)
+        mask = index < num_examples
+        return tf.minimum(index, num_examples - 1), mask
+
+    def read_rows(index, mask):
+        images, labels = read(index)
+        return images, tf.where(mask, labels, -1), mask
+
+    ds = tf.data.Dataset.range(num_batches).map(rows).map(read_rows).unbatch()
+    ds = ds.map(lambda image, label, mask: {
+        "image": _to_uint8(augment.eval_transform(image, image_size=image_size,
+                                                  resize_size=resize_size, normalise=False)),
+        "label": label, "mask": mask},
+        num_parallel_calls=num_workers or AUTOTUNE, deterministic=True)
+    ds = ds.batch(local).prefetch(AUTOTUNE).with_options(_options(num_workers))
     return _numpy_iterator(ds)
 
 
-def prefetch_to_devices(batches: Iterator[dict], size: int = 2) -> Iterator:
-    """Puts each batch on the local devices (leading axis split over them), `size` batches ahead.
+# RandomResizedCrop + horizontal flip and nothing else: the training views of the linear and
+# semi-supervised protocols (official evaluate.py).
+CROP_FLIP = augment.ViewSpec(flip_prob=0.5, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0,
+                             solarize_prob=0.0)
+LABELLED_SALT = 0xE7A1  # decorrelates evaluation crops from the pretraining views of a seed
 
-    A thin wrapper of flax.jax_utils.prefetch_to_device: leaves must be [local_device_count, ...].
+
+def labelled_batches(source: Source, indices: np.ndarray, *, batch_size: int, image_size: int,
+                     seed: int, num_epochs: int, min_crop_scale: float = 0.08,
+                     process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+    """num_epochs epochs over the train-split examples ``indices``, crop + flip views.
+
+    Each epoch is a fresh permutation of indices (numpy default_rng([seed, epoch])) cut into
+    len(indices) // batch_size full batches; process p takes rows [p * b, (p + 1) * b) of each
+    (b = batch_size // process_count). Yields {"image": uint8 [b, H, W, 3], "label": int32 [b]}.
     """
-    from flax import jax_utils
+    indices = np.asarray(indices, np.int64)
+    steps_per_epoch = len(indices) // batch_size
+    local = batch_size // process_count
+    read = source.split("train").reader()
 
-    return jax_utils.prefetch_to_device(batches, size)
+    @functools.lru_cache(maxsize=2)
+    def epoch_order(epoch: int) -> np.ndarray:
+        return indices[np.random.default_rng([seed, epoch]).permutation(len(indices))]
+
+    def step_indices(step):
+        epoch, position = divmod(int(step), steps_per_epoch)
+        start = position * batch_size + process_index * local
+        return np.int64(epoch), epoch_order(epoch)[start:start + local]
+
+    def read_step(step):
+        epoch, idx = tf.numpy_function(step_indices, [step], [tf.int64, tf.int64], stateful=False)
+        idx = tf.ensure_shape(idx, [local])
+        images, labels = read(idx)
+        return tf.fill([local], tf.ensure_shape(epoch, [])), idx, images, labels
+
+    def crop_flip(epoch, index, image, label):
+        view_seed = tf.random.experimental.stateless_fold_in(
+            augment.view_seed(seed, epoch, index, "a"), LABELLED_SALT, alg="philox")
+        view = augment.augment_view(image, view_seed, view=CROP_FLIP, image_size=image_size,
+                                    min_crop_scale=min_crop_scale, normalise=False)
+        return {"image": _to_uint8(view), "label": label}
+
+    ds = tf.data.Dataset.range(num_epochs * steps_per_epoch).map(read_step).unbatch()
+    ds = ds.map(crop_flip, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.batch(local, drop_remainder=True).prefetch(AUTOTUNE).with_options(_options(None))
+    return _numpy_iterator(ds)

@@ -1,0 +1,133 @@
+"""Devices, global arrays, and the two ways of mapping a per-device step over every device.
+
+The trainer holds global ``jax.Array``s end to end: the state is replicated over a 1-D mesh of
+every device of every process (what orbax saves and restores, on one host or many), and each
+batch is one array sharded along that mesh, assembled once from each process's rows. A step is
+one per-device function ``fn(state, batch, rng) -> (state, outputs)`` over the axis :data:`AXIS`;
+:func:`map_step` runs it as
+
+* ``jax.jit(jax.shard_map(fn))`` (``parallelism="shard_map"``, the default), or
+* ``jax.pmap(fn)`` (``parallelism="pmap"``), a thin adapter at its own edge: the global arrays
+  are viewed as pmap's ``[local_devices, ...]`` layout on the way in and back on the way out, on
+  the devices that already hold them (no host copies).
+
+Outputs that the host reads are either replicated (the same on every device: read this
+process's copy, :func:`to_host`) or gathered over processes
+(``multihost_utils.process_allgather``); never ``jax.device_get`` of an array that spans other
+processes' devices, which only works on one host.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXIS = "batch"
+PARALLELISM = ("shard_map", "pmap")
+
+StepFn = Callable[[Any, Any, jax.Array], tuple[Any, Any]]
+
+
+def device_mesh(devices=None) -> jax.sharding.Mesh:
+    """A 1-D mesh over ``devices`` (default every device of every process, in process order)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return jax.make_mesh((len(devices),), (AXIS,), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(AXIS))
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """This process's rows ``{key: [local_batch, ...]}`` -> one global array per key, sharded over
+    the mesh; process p's rows are global rows ``[p * local_batch, (p + 1) * local_batch)``."""
+    sharding = batch_sharded(mesh)
+    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+            for key, value in local.items()}
+
+
+def map_step(fn: StepFn, mesh: jax.sharding.Mesh, parallelism: str = "shard_map", *,
+             donate: bool = True) -> StepFn:
+    """``fn(state, batch, rng)`` per device -> a function of the global arrays.
+
+    ``state`` and ``rng`` are replicated, ``batch`` is split along its first axis; ``fn``'s
+    outputs must be the same on every device (psum / pmean them), and come back replicated.
+    ``donate`` lets the new state reuse the old state's buffers.
+    """
+    if parallelism == "shard_map":
+        mapped = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P())
+        return jax.jit(mapped, donate_argnums=(0,) if donate else ())
+    if parallelism == "pmap":
+        return _pmap_adapter(fn, mesh, donate)
+    raise ValueError(f"parallelism must be one of {PARALLELISM}; got {parallelism!r}.")
+
+
+def _pmap_adapter(fn: StepFn, mesh: jax.sharding.Mesh, donate: bool) -> StepFn:
+    local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    pmapped = jax.pmap(fn, axis_name=AXIS, in_axes=(0, 0, None), devices=local_devices,
+                       donate_argnums=(0,) if donate else ())
+    stacked = NamedSharding(jax.sharding.Mesh(np.array(local_devices), ("local",)), P("local"))
+
+    def to_pmap(x: jax.Array) -> jax.Array:
+        # Each local device's own shard (the whole value when replicated, its rows of a batch)
+        # given a leading axis of 1: pmap's [L, ...] layout.
+        shards = sorted(x.addressable_shards, key=lambda s: local_devices.index(s.device))
+        pieces = [s.data[None] for s in shards]
+        shape = (len(local_devices),) + pieces[0].shape[1:]
+        return jax.make_array_from_single_device_arrays(shape, stacked, pieces)
+
+    def from_pmap(x: jax.Array) -> jax.Array:
+        # pmap's per-device copies (all equal) -> one replicated global array.
+        pieces = [s.data[0] for s in x.addressable_shards]
+        return jax.make_array_from_single_device_arrays(pieces[0].shape, replicated(mesh),
+                                                        pieces)
+
+    def step(state, batch, rng):
+        new_state, outputs = pmapped(jax.tree.map(to_pmap, state), jax.tree.map(to_pmap, batch),
+                                     rng)
+        return jax.tree.map(from_pmap, (new_state, outputs))
+
+    return step
+
+
+def to_host(tree: Any) -> Any:
+    """Numpy copies, on every process, of replicated global arrays (this process's copy)."""
+    def fetch(x):
+        if not isinstance(x, jax.Array):
+            return np.asarray(x)
+        if not x.is_fully_replicated:
+            raise ValueError(
+                f"to_host reads replicated arrays; this one has sharding {x.sharding}. Use "
+                "gather_to_host for arrays split over processes.")
+        return np.asarray(x.addressable_data(0))
+
+    return jax.tree.map(fetch, tree)
+
+
+def gather_to_host(tree: Any) -> Any:
+    """Numpy copies, on every process, of global arrays split along their first axis."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """``jax.distributed.initialize`` (one process per host); on CPU the cross-process
+    collectives go through gloo. Without arguments, JAX reads them from the cluster (Cloud TPU,
+    SLURM, Open MPI, Kubernetes JobSet environments)."""
+    # Only the CPU backend reads this; harmless where the devices are accelerators.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
