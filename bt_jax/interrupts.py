@@ -55,8 +55,12 @@ class Interrupts:
             if self.distributed and signum == signal.SIGINT:
                 os.kill(os.getpid(), signal.SIGTERM)  # JAX's notifier: every process agrees
             return
+        self._exit_now(signum)
+
+    def _exit_now(self, signum: int) -> None:
         name = signal.Signals(signum).name
-        where = {STARTUP: "during start-up", EVALUATION: "during the end-of-run evaluation"}
+        where = {STARTUP: "during start-up", TRAINING: "at the end of training",
+                 EVALUATION: "during the end-of-run evaluation"}
         sys.stderr.write(f"stopped by {name} {where[self.phase]}: {self.exit_message}.\n")
         sys.stderr.flush()
         for cleanup in self.on_exit:
@@ -77,9 +81,21 @@ class Interrupts:
             del self._previous[signal.SIGTERM]
 
     def enter(self, phase: str, exit_message: str = "") -> None:
+        """Moves to ``phase``; a signal that came after the last step (too late to stop
+        training) stops the run now that the next phase would start."""
         self.phase = phase
         if exit_message:
             self.exit_message = exit_message
+        if phase == EVALUATION and self.signal is not None:
+            self._exit_now(self.signal)
+
+    def seed(self, start_step: int) -> bool:
+        """Before the first step of a (resumed) run: with several processes, registers the start
+        step with JAX's preemption sync (a notice that came before would otherwise wait for a
+        step that already passed); True if a stop is already agreed."""
+        if not self.distributed:
+            return self.signal is not None
+        return self.stop_requested(start_step)
 
     def stop_requested(self, step: int) -> bool:
         """Whether to save and stop after ``step``; with several processes, True on every

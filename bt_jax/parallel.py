@@ -121,13 +121,23 @@ def gather_to_host(tree: Any) -> Any:
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+HEARTBEAT_TIMEOUT_SECONDS = 60
+
+
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+                           process_id: int | None = None,
+                           heartbeat_timeout_seconds: int = HEARTBEAT_TIMEOUT_SECONDS) -> None:
     """``jax.distributed.initialize`` (one process per host); on CPU the cross-process
     collectives go through gloo. Without arguments, JAX reads them from the cluster (Cloud TPU,
-    SLURM, Open MPI, Kubernetes JobSet environments)."""
+    SLURM, Open MPI, Kubernetes JobSet environments).
+
+    heartbeat_timeout_seconds bounds a lost host: when a process dies or freezes, the others
+    abort (SIGABRT, exit status 134) within about that long; when process 0 dies, within a second.
+    JAX's default is 100 s.
+    """
     # Only the CPU backend reads this; harmless where the devices are accelerators.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+                               num_processes=num_processes, process_id=process_id,
+                               heartbeat_timeout_seconds=heartbeat_timeout_seconds)

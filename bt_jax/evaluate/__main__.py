@@ -44,6 +44,8 @@ def define_flags() -> None:
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
     flags.DEFINE_integer("num_processes", None, "Number of processes.")
     flags.DEFINE_integer("process_id", None, "This process's index.")
+    flags.DEFINE_integer("heartbeat_timeout_seconds", 60, "With --distributed: a process that "
+                         "dies or freezes stops the others within about this long.")
     flags.DEFINE_bool("verbose", False, "Show tracebacks (for bug reports).")
     # Today's defaults stand in for the run's config only to parse --config.GROUP.KEY=VALUE
     # overrides, which are applied over the run's config.json.
@@ -84,7 +86,7 @@ def main(argv: list[str]) -> None:
 
             INTERRUPTS.hand_sigterm_to_jax()
             parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                            FLAGS.process_id)
+                                            FLAGS.process_id, FLAGS.heartbeat_timeout_seconds)
         import jax
 
         from bt_jax import evaluate

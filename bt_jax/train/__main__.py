@@ -42,6 +42,9 @@ def define_flags() -> None:
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
     flags.DEFINE_integer("num_processes", None, "Number of processes.")
     flags.DEFINE_integer("process_id", None, "This process's index.")
+    flags.DEFINE_integer(
+        "heartbeat_timeout_seconds", 60, "With --distributed: a process that dies or freezes "
+        "stops the others within about this long (JAX's default is 100).")
     flags.DEFINE_bool("verbose", False, "Show tracebacks (for bug reports).")
 
 
@@ -71,7 +74,7 @@ def initialize_distributed() -> None:
     # SIGTERM goes to JAX's preemption notifier, which initialize installs (bt_jax.interrupts).
     INTERRUPTS.hand_sigterm_to_jax()
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                    FLAGS.process_id)
+                                    FLAGS.process_id, FLAGS.heartbeat_timeout_seconds)
 
 
 def main(argv: list[str]) -> None:

@@ -25,6 +25,7 @@ from absl import logging
 from etils import epath
 
 from bt_jax import checkpoint
+from bt_jax import cli
 from bt_jax import config as config_lib
 from bt_jax import data
 from bt_jax import divergence
@@ -89,6 +90,10 @@ def check(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> Run:
     workdir_lib.check_resumable(workdir, config)
     workdir_lib.Lease(workdir).check()
     files.check_writable_directory(workdir, what="The workdir")
+    if checkpoint.directory(workdir).exists() and not checkpoint.directory(workdir).is_dir():
+        raise files.StorageError(
+            f"{checkpoint.directory(workdir)} is a file; bt_jax keeps its checkpoints in that "
+            "folder. Move the file away or use another --workdir.")
     steps_per_epoch = data.steps_per_epoch(source, config.batch_size)
     total_steps = steps_per_epoch * config.num_epochs
     if config.max_steps > 0:
@@ -104,7 +109,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     Raises Stopped after a signal (the checkpoint saved), DivergenceError when training
     diverges, and errors.Error subclasses for anything the user can fix.
     """
-    interrupts = interrupts or interrupts_lib.Interrupts(distributed=jax.process_count() > 1)
+    own_interrupts = interrupts is None  # handlers installed for this call only
+    if own_interrupts:
+        interrupts = interrupts_lib.Interrupts(distributed=jax.process_count() > 1)
+    try:
+        return _train_and_evaluate(config, workdir, interrupts)
+    finally:
+        if own_interrupts:
+            interrupts.restore()
+
+
+def _train_and_evaluate(config, workdir, interrupts: interrupts_lib.Interrupts) -> Any:
     run = check(config, workdir)
     config, workdir = run.config, run.workdir
     mesh = parallel.device_mesh()
@@ -145,13 +160,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         if start_step < run.total_steps:
             state = _loop(run, state, start_step, model, tx, mesh, manager, identity, logger,
                           interrupts)
-        manager.wait_until_finished()
+        _finish_saves(manager, run.total_steps)
+        variables = state_lib.variables_of(state, part=None)
+        checkpoint.export(workdir, config.model, parallel.to_host(variables))
         interrupts.enter(interrupts_lib.EVALUATION,
                          f"training is complete and saved (step {run.total_steps}); rerun the "
                          f"evaluation with python -m bt_jax.evaluate --workdir={workdir} "
                          "--protocol=logreg")
-        variables = state_lib.variables_of(state, part=None)
-        checkpoint.export(workdir, config.model, parallel.to_host(variables))
         if config.eval.at_end and run.eval_source is not None:
             evaluate.at_end(config, parallel.to_host(state_lib.variables_of(state)), run.eval_source,
                             workdir, mesh, logger, run.total_steps)
@@ -221,7 +236,10 @@ def _loop(run: Run, state: Any, start_step: int, model, tx, mesh, manager, ident
         log(step)
         largest = float(parallel.to_host(divergence.largest_magnitude(current["state"])))
         divergence.check_state(step, largest, lambda: _last_good(manager))
-        checkpoint.save(manager, step, current["state"], identity)
+        try:
+            checkpoint.save(manager, step, current["state"], identity)
+        except Exception as error:  # noqa: BLE001 - disk full, permissions, storage errors
+            raise _save_failed(manager, step, error) from None
         logger.checkpoint_saved(step)
 
     # (every so many steps, what, also at the last step)
@@ -231,6 +249,10 @@ def _loop(run: Run, state: Any, start_step: int, model, tx, mesh, manager, ident
         (config.checkpoint.every_steps, save, True),
     ]
     interrupts.enter(interrupts_lib.TRAINING)
+    if interrupts.seed(start_step):
+        logging.warning("Stopped by a signal before step %d; the checkpoint of step %d is the "
+                        "latest. Run the same command to resume.", start_step + 1, start_step)
+        raise Stopped(interrupts.exit_status)
     for step in range(start_step + 1, run.total_steps + 1):
         wait_start = time.perf_counter()
         batch = next(batches)
@@ -245,11 +267,34 @@ def _loop(run: Run, state: Any, start_step: int, model, tx, mesh, manager, ident
                 action(step)
         if step < run.total_steps and interrupts.stop_requested(step):
             save(step)
-            manager.wait_until_finished()
+            _finish_saves(manager, step)
             logging.warning("Stopped by a signal at step %d; the checkpoint is saved. Run the "
                             "same command to resume.", step)
             raise Stopped(interrupts.exit_status)
     return current["state"]
+
+
+def _save_failed(manager, step: int, error: Exception) -> checkpoint.CheckpointError:
+    """One line: what failed, why, and which checkpoint is the last complete one."""
+    try:
+        manager.wait_until_finished()
+    except Exception:  # noqa: BLE001 - the save in flight failed too; reported below
+        pass
+    manager.reload()
+    latest = manager.latest_step()
+    kept = (f"the last complete checkpoint is step {latest}" if latest is not None
+            else "no checkpoint is complete")
+    return checkpoint.CheckpointError(
+        f"Saving the checkpoint of step {step} failed: {cli.describe(error)} Training stopped; "
+        f"{kept}. Free space or fix the storage, then run the same command to resume.")
+
+
+def _finish_saves(manager, step: int) -> None:
+    """Waits for the background saves; a failure is reported like a failed save."""
+    try:
+        manager.wait_until_finished()
+    except Exception as error:  # noqa: BLE001 - disk full, permissions, storage errors
+        raise _save_failed(manager, step, error) from None
 
 
 def _last_good(manager) -> str:
