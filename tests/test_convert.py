@@ -419,7 +419,7 @@ def test_official_model_errors_name_the_keys():
     sd = official_state_dict()
     backbone_only = {k: v for k, v in sd.items() if k.startswith("module.backbone.")}
     with pytest.raises(
-        convert.ConversionError, match="holds no official projector.*without --with-projector"
+        convert.ConversionError, match="hold no official projector.*without --with-projector"
     ):
         convert.torch_to_flax_model(backbone_only)
     cases = [

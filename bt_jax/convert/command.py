@@ -59,10 +59,8 @@ def _strip_prefix(state_dict: dict, prefix: str, src: epath.Path) -> tuple[dict,
     stripped = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not stripped:
         raise ConversionError(f"No key of {src} starts with prefix {prefix!r}.")
-    note = f" Ignored {len(outside)} keys outside prefix {prefix!r}" + (
-        f", e.g. {outside[:3]}." if outside else "."
-    )
-    return stripped, note
+    note = f" Ignored {len(outside)} keys outside prefix {prefix!r}, e.g. {outside[:3]}."
+    return stripped, note if outside else ""
 
 
 def convert_file(

@@ -100,9 +100,9 @@ def infer_projector_spec(state_dict: Mapping[str, Any]) -> str:
             linears[int(m.group(1))] = layout.shape_of(value)
     if not linears:
         raise ConversionError(
-            f"No projector Linear weights (projector.N.weight) among the keys "
-            f"{layout.listing(sorted(state_dict))}: this holds no official projector. Convert the "
-            "backbone alone (without --with-projector), or check the prefix."
+            "No projector Linear weights (projector.0.weight, projector.3.weight, ...): these "
+            "weights hold no official projector. Convert the backbone alone (without "
+            "--with-projector), or check the prefix."
         )
     indices = sorted(linears)
     if indices != [3 * i for i in range(len(indices))]:
