@@ -73,8 +73,9 @@ def _compiled(fn: ExampleFn, mesh: jax.sharding.Mesh) -> Callable:
             images = photometric.normalize(batch["image"])
             return fn(variables, images), batch["label"], batch["mask"]
 
-        _COMPILED[key] = jax.jit(forward, in_shardings=(parallel.replicated(mesh), split),
-                                 out_shardings=split)
+        _COMPILED[key] = parallel.CompiledOnce(
+            jax.jit(forward, in_shardings=(parallel.replicated(mesh), split),
+                    out_shardings=split), f"features of {type(fn).__name__}")
     return _COMPILED[key]
 
 

@@ -19,6 +19,7 @@ processes' devices, which only works on one host.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -66,7 +67,8 @@ def map_step(fn: StepFn, mesh: jax.sharding.Mesh, parallelism: str = "shard_map"
     """
     if parallelism == "shard_map":
         mapped = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P())
-        return jax.jit(mapped, donate_argnums=(0,) if donate else ())
+        return CompiledOnce(jax.jit(mapped, donate_argnums=(0,) if donate else ()),
+                            getattr(fn, "__name__", None) or getattr(fn, "func").__name__)
     if parallelism == "pmap":
         return _pmap_adapter(fn, mesh, donate)
     raise ValueError(f"parallelism must be one of {PARALLELISM}; got {parallelism!r}.")
@@ -98,6 +100,41 @@ def _pmap_adapter(fn: StepFn, mesh: jax.sharding.Mesh, donate: bool) -> StepFn:
         return jax.tree.map(from_pmap, (new_state, outputs))
 
     return step
+
+
+BARRIER_TIMEOUT_SECONDS = 3600  # compiling a large model on a busy host takes minutes
+_barriers = itertools.count()
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches this point (no-op with one process).
+
+    Through the coordination service, not a collective: gloo gives a new cross-process group 30
+    s to assemble, and processes whose compilations finish minutes apart must not fail on that.
+    """
+    if jax.process_count() == 1:
+        return
+    from orbax.checkpoint import multihost
+
+    multihost.sync_global_processes(f"bt_jax:{name}:{next(_barriers)}",
+                                    timeout=BARRIER_TIMEOUT_SECONDS,
+                                    processes=set(range(jax.process_count())))
+
+
+class CompiledOnce:
+    """A jitted function compiled ahead of its first call, then a :func:`barrier`, so that its
+    first execution (where cross-process collectives set up their groups) starts at the same
+    time on every process, however long each took to compile. Later calls reuse the compiled
+    executable; arguments must keep their shapes, dtypes and shardings."""
+
+    def __init__(self, jitted: Callable, name: str):
+        self._jitted, self._name, self._compiled = jitted, name, None
+
+    def __call__(self, *args):
+        if self._compiled is None:
+            self._compiled = self._jitted.lower(*args).compile()
+            barrier(f"compiled {self._name}")
+        return self._compiled(*args)
 
 
 def to_host(tree: Any) -> Any:
@@ -138,6 +175,20 @@ def initialize_distributed(coordinator_address: str | None = None,
     """
     # Only the CPU backend reads this; harmless where the devices are accelerators.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    _use_coordination_barriers_in_orbax()
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id,
                                heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+
+
+def _use_coordination_barriers_in_orbax() -> None:
+    """Orbax's barriers through the coordination service (with a timeout) rather than gloo
+    collectives, which fail when processes arrive more than 30 s apart."""
+    from absl import flags
+    from orbax.checkpoint._src.multihost import multihost  # defines the flag
+
+    del multihost
+    try:
+        flags.FLAGS.experimental_orbax_use_distributed_barrier = True
+    except (AttributeError, flags.Error):  # a later orbax without the flag: its own default
+        pass

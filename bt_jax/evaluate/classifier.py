@@ -15,7 +15,8 @@ from absl import logging
 
 from bt_jax import data
 from bt_jax import parallel
-from bt_jax.evaluate.context import Context, UnlabelledSourceError, labelled, topk_accuracy
+from bt_jax.evaluate.context import (Backbone, Context, UnlabelledSourceError, labelled,
+                                     topk_accuracy)
 
 HEAD_SALT = 0x4EAD  # the classifier's initialisation key, folded into config.seed
 
@@ -77,8 +78,8 @@ def training_batches(context: Context, indices: np.ndarray, *, batch_size: int,
         yield parallel.global_batch(local, context.mesh)
 
 
-def test_accuracy(context: Context, head: nn.Dense, variables: Any, head_params: Any) -> dict:
+def test_accuracy(context: Context, head: nn.Dense, backbone: Backbone, head_params: Any) -> dict:
     """{"top1", "top5"} of backbone (inference mode) + head on the test split."""
-    features, labels = labelled(*context.representations(variables, "test"))
+    features, labels = labelled(*context.representations(backbone, "test"))
     logits = head.apply({"params": head_params}, features)
     return topk_accuracy(np.asarray(logits), labels)

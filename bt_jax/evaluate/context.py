@@ -1,9 +1,8 @@
 """What a protocol needs, and the registry of protocols by name (big_vision's evaluators).
 
-A protocol is a function ``fn(context, variables) -> dict`` registered under a name: it scores
-one backbone (``variables`` = {"params", "batch_stats"}, host arrays) on the context's labelled
-data and returns its results ({"top1", "top5", ...}). The run's pretrained backbone and each
-baseline go through the same function.
+A protocol is a function ``fn(context, backbone) -> dict`` registered under a name: it scores
+one :class:`Backbone` on the context's labelled data and returns its results ({"top1", "top5",
+...}). The run's pretrained backbone and each baseline go through the same function.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from bt_jax import data
 from bt_jax import errors
 from bt_jax import features
 
-Protocol = Callable[["Context", Any], dict]
+Protocol = Callable[["Context", "Backbone"], dict]
 PROTOCOLS: dict[str, Protocol] = {}
 QUICK = ("logreg", "knn")  # the protocols the main job ends with: seconds to minutes
 
@@ -48,6 +47,18 @@ def check_protocol(name: str) -> str:
     return name
 
 
+@dataclasses.dataclass(eq=False)
+class Backbone:
+    """One backbone to score: its name ("pretrained", "random_init", ...), its variables
+    {"params", "batch_stats"} (host arrays), and what is computed from them once for every
+    protocol (the variables on the devices, the representations of each split)."""
+
+    name: str
+    variables: Any
+    placed: Any = None
+    representations: dict = dataclasses.field(default_factory=dict, repr=False)
+
+
 @dataclasses.dataclass
 class Context:
     """The labelled data, the architecture and the devices a protocol runs on.
@@ -63,27 +74,26 @@ class Context:
     source: data.Source
     module: nn.Module
     mesh: jax.sharding.Mesh
-    _representations: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def num_classes(self) -> int:
         return int(self.source.num_classes)
 
-    def representations(self, variables: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
+    def placed(self, backbone: Backbone) -> Any:
+        """The backbone's variables replicated over the mesh (placed once)."""
+        if backbone.placed is None:
+            backbone.placed = features.place_replicated(backbone.variables, self.mesh)
+        return backbone.placed
+
+    def representations(self, backbone: Backbone, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(features float32 [N, F], labels int32 [N]) of ``split``, extracted once per
-        backbone (keyed by the identity of ``variables``: keep them alive while evaluating)."""
-        key = (id(variables), split)
-        if key not in self._representations:
-            self._representations[key] = features.representations(
-                self.module, variables, self.source, split=split,
+        backbone, on every device of every process."""
+        if split not in backbone.representations:
+            backbone.representations[split] = features.representations(
+                self.module, self.placed(backbone), self.source, split=split,
                 image_size=self.config.data.image_size,
                 resize_size=self.config.data.eval_resize, mesh=self.mesh)
-        return self._representations[key]
-
-    def forget(self, variables: Any) -> None:
-        """Drops the cached representations of one backbone."""
-        for key in [k for k in self._representations if k[0] == id(variables)]:
-            del self._representations[key]
+        return backbone.representations[split]
 
 
 def labelled(features_or_pixels: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

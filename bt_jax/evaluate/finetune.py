@@ -18,7 +18,7 @@ from absl import logging
 from bt_jax import parallel
 from bt_jax.data import photometric
 from bt_jax.evaluate import classifier
-from bt_jax.evaluate.context import Context, register
+from bt_jax.evaluate.context import Backbone, Context, register
 
 
 def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -79,7 +79,7 @@ def _trainer(module, head, backbone_learning_rate: float, head_learning_rate: fl
     return tx, jax.jit(step, out_shardings=(replicated,) * 4, donate_argnums=(0, 1, 2))
 
 
-def finetune_subset(context: Context, variables, indices: np.ndarray) -> dict:
+def finetune_subset(context: Context, backbone: Backbone, indices: np.ndarray) -> dict:
     """Fine-tunes backbone + a new head on the train examples ``indices``; test accuracy."""
     settings = context.config.eval
     batch_size = classifier.batch_size_for(settings.finetune_batch_size, len(indices),
@@ -90,9 +90,9 @@ def finetune_subset(context: Context, variables, indices: np.ndarray) -> dict:
                         float(settings.finetune_head_learning_rate), int(settings.finetune_epochs),
                         steps_per_epoch, context.mesh)
     replicated = parallel.replicated(context.mesh)
-    params = jax.device_put({"backbone": variables["params"], "head": classifier.init_head(
+    params = jax.device_put({"backbone": backbone.variables["params"], "head": classifier.init_head(
         head, context.module.num_features, context.config.seed)}, replicated)
-    batch_stats = jax.device_put(variables["batch_stats"], replicated)
+    batch_stats = jax.device_put(backbone.variables["batch_stats"], replicated)
     opt_state = tx.init(params)
     loss = None
     for batch in classifier.training_batches(context, indices, batch_size=batch_size,
@@ -102,20 +102,19 @@ def finetune_subset(context: Context, variables, indices: np.ndarray) -> dict:
         logging.info("finetune on %d examples: last loss %.4f", len(indices),
                      float(parallel.to_host(loss)))
     params, batch_stats = parallel.to_host((params, batch_stats))
-    tuned = {"params": params["backbone"], "batch_stats": batch_stats}
-    accuracy = classifier.test_accuracy(context, head, tuned, params["head"])
-    context.forget(tuned)
-    return accuracy
+    tuned = Backbone(f"{backbone.name} fine-tuned", {"params": params["backbone"],
+                                                     "batch_stats": batch_stats})
+    return classifier.test_accuracy(context, head, tuned, params["head"])
 
 
 @register("finetune")
-def finetune(context: Context, variables) -> dict:
+def finetune(context: Context, backbone: Backbone) -> dict:
     """{"1%": {"top1", "top5", "num_labelled"}, "10%": {...}, ...}."""
     labels = classifier.train_labels(context.source)
     classifier.labelled_train_indices(context.source)  # fails clearly when nothing is labelled
     results = {}
     for fraction in context.config.eval.label_fractions:
         indices = label_subset(labels, fraction, context.config.seed)
-        accuracy = finetune_subset(context, variables, indices)
+        accuracy = finetune_subset(context, backbone, indices)
         results[fraction_name(fraction)] = {**accuracy, "num_labelled": int(len(indices))}
     return results

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bt_jax import parallel
-from bt_jax.evaluate.context import Context, labelled, register, topk_accuracy
+from bt_jax.evaluate.context import Backbone, Context, labelled, register, topk_accuracy
 
 CHUNK_SIZE = 256  # test examples per similarity block: memory is chunk x num_train floats
 
@@ -79,9 +79,9 @@ def knn_protocol(train_features: np.ndarray, train_labels: np.ndarray, test_feat
 
 
 @register("knn")
-def knn(context: Context, variables) -> dict:
+def knn(context: Context, backbone: Backbone) -> dict:
     settings = context.config.eval
-    return knn_protocol(*context.representations(variables, "train"),
-                        *context.representations(variables, "test"),
+    return knn_protocol(*context.representations(backbone, "train"),
+                        *context.representations(backbone, "test"),
                         num_classes=context.num_classes, k=settings.knn_k,
                         temperature=settings.knn_temperature, mesh=context.mesh)

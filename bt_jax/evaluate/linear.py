@@ -19,7 +19,7 @@ from absl import logging
 from bt_jax import parallel
 from bt_jax.data import photometric
 from bt_jax.evaluate import classifier
-from bt_jax.evaluate.context import Context, register
+from bt_jax.evaluate.context import Backbone, Context, register
 
 
 def linear_optimizer(learning_rate: float, weight_decay: float, num_epochs: int,
@@ -54,7 +54,7 @@ def _trainer(module, head, learning_rate: float, weight_decay: float, num_epochs
 
 
 @register("linear")
-def linear(context: Context, variables) -> dict:
+def linear(context: Context, backbone: Backbone) -> dict:
     """{"top1", "top5", "epochs", "train_examples"}."""
     settings = context.config.eval
     indices = classifier.labelled_train_indices(context.source)
@@ -65,7 +65,7 @@ def linear(context: Context, variables) -> dict:
     tx, step = _trainer(context.module, head, float(settings.linear_learning_rate),
                         float(settings.linear_weight_decay), int(settings.linear_epochs),
                         steps_per_epoch, context.mesh)
-    placed = jax.device_put(variables, parallel.replicated(context.mesh))
+    placed = context.placed(backbone)
     head_params = jax.device_put(
         classifier.init_head(head, context.module.num_features, context.config.seed),
         parallel.replicated(context.mesh))
@@ -79,6 +79,6 @@ def linear(context: Context, variables) -> dict:
             logging.info("linear: epoch %d/%d, loss %.4f", (i + 1) // steps_per_epoch,
                          settings.linear_epochs, float(np.mean(parallel.to_host(losses))))
             losses = []
-    accuracy = classifier.test_accuracy(context, head, variables, parallel.to_host(head_params))
+    accuracy = classifier.test_accuracy(context, head, backbone, parallel.to_host(head_params))
     return {**accuracy, "epochs": int(settings.linear_epochs),
             "train_examples": int(len(indices))}

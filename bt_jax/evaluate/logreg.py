@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from bt_jax.evaluate.context import Context, labelled, register, topk_accuracy
+from bt_jax.evaluate.context import Backbone, Context, labelled, register, topk_accuracy
 
 C_GRID = (0.01, 0.1, 1.0)
 VALIDATION_FRACTION = 0.1
@@ -72,7 +72,7 @@ def logreg_protocol(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray
 
 
 @register("logreg")
-def logreg(context: Context, variables) -> dict:
-    return logreg_protocol(*context.representations(variables, "train"),
-                           *context.representations(variables, "test"),
+def logreg(context: Context, backbone: Backbone) -> dict:
+    return logreg_protocol(*context.representations(backbone, "train"),
+                           *context.representations(backbone, "test"),
                            num_classes=context.num_classes, seed=context.config.seed)

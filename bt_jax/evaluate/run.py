@@ -27,7 +27,7 @@ from bt_jax import parallel
 from bt_jax import workdir as workdir_lib
 from bt_jax.evaluate import baselines as baselines_lib
 from bt_jax.evaluate import results as results_lib
-from bt_jax.evaluate.context import (PROTOCOLS, QUICK, Context, EvaluationError,
+from bt_jax.evaluate.context import (PROTOCOLS, QUICK, Backbone, Context, EvaluationError,
                                      UnlabelledSourceError, check_protocol)
 
 
@@ -140,16 +140,15 @@ def with_baselines(protocols: Sequence[str], context: Context, variables: Any, *
     """{protocol: {"pretrained": ..., "random_init": ..., "random_init_bn": ...,
     "random_fan_in_bn": ..., "raw_pixels": ... (logreg)}}; each backbone's representations
     extracted once for all the protocols."""
-    results = {p: {"pretrained": PROTOCOLS[check_protocol(p)](context, variables)}
+    pretrained = Backbone("pretrained", variables)
+    results = {p: {"pretrained": PROTOCOLS[check_protocol(p)](context, pretrained)}
                for p in protocols}
-    context.forget(variables)
     if not baselines:
         return results
     for name, build in baselines_lib.baseline_variables(context).items():
-        baseline = build()
+        baseline = Backbone(name, build())
         for protocol in protocols:
             results[protocol][name] = PROTOCOLS[protocol](context, baseline)
-        context.forget(baseline)
     if "logreg" in protocols:
         results["logreg"]["raw_pixels"] = baselines_lib.raw_pixels_logreg(context)
     return results
