@@ -57,6 +57,36 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> di
             for key, value in local.items()}
 
 
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Host values that every process holds alike -> replicated global arrays.
+
+    Each process fills its own devices from its own copy: no collective (``jax.device_put``
+    would all-gather every value across processes to check they agree). Arrays already on the
+    mesh pass through.
+    """
+    return shard(tree, replicated(mesh))
+
+
+def split_rows(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Host arrays that every process holds alike -> global arrays split along their first axis
+    over the mesh (each device gets its rows; no collective)."""
+    return shard(tree, batch_sharded(mesh))
+
+
+def shard(tree: Any, sharding: NamedSharding) -> Any:
+    def place(x):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        if isinstance(x, jax.Array) and x.is_fully_addressable:
+            x = np.asarray(x)
+        if isinstance(x, jax.Array):
+            return jax.device_put(x, sharding)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(place, tree)
+
+
 def map_step(fn: StepFn, mesh: jax.sharding.Mesh, parallelism: str = "shard_map", *,
              donate: bool = True) -> StepFn:
     """``fn(state, batch, rng)`` per device -> a function of the global arrays.
