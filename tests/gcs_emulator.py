@@ -41,28 +41,35 @@ from etils import epath
 DEFAULT_BUCKET = "bt-jax-test"
 START_TIMEOUT_S = 10.0
 
-# What each client needs, and why (the value of the URL ones is the server's http://host:port):
-EMULATOR_ENV = {
-    # gcsfs (and google-cloud-storage): send the JSON API to this URL instead of googleapis.com.
-    "STORAGE_EMULATOR_HOST": None,
-    # tensorstore's gcs driver (orbax's array data): the same, for its own HTTP client.
-    "TENSORSTORE_GCS_HTTP_URL": None,
-    # gcsfs >= 2026 defaults to a subclass that asks the Storage Control gRPC API for each
-    # bucket's layout (zonal / hierarchical) on every operation; the emulator has no such API,
-    # and with anonymous credentials each attempt waits out a 60 s timeout. Read at import.
-    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-    # gcsfs: anonymous, so it never looks for credentials (application default credentials,
-    # the GCE metadata server) and never sends a real token to the emulator.
-    "FSSPEC_GCS_TOKEN": "anon",
-    # tensorstore and TF: a fixed bearer token, so they skip credential discovery too.
-    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
-    # TF's GCS client (libcurl) has googleapis.com compiled in: send its HTTPS through the proxy
-    # (both spellings: curl prefers the lower-case one, which a developer may have set)...
-    "HTTPS_PROXY": "<proxy>",
-    "https_proxy": "<proxy>",
-    # ... and trust the proxy's test-only CA (TF reads this for curl's CA bundle).
-    "CURL_CA_BUNDLE": "<ca>",
-}
+
+
+def emulator_env(url: str, proxy_url: str, ca_file: str) -> dict[str, str]:
+    """What each client needs to use the emulator at ``url``, and why."""
+    return {
+        # gcsfs (and google-cloud-storage): the JSON API at this URL, not googleapis.com.
+        "STORAGE_EMULATOR_HOST": url,
+        # tensorstore's gcs driver (orbax's arrays): the same, for its own HTTP client.
+        "TENSORSTORE_GCS_HTTP_URL": url,
+        # google-cloud-cpp's storage client inside array_record (tfds's as_data_source): the
+        # same, without credentials. Unset, it hangs on the first read.
+        "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
+        # gcsfs >= 2026 defaults to a subclass that asks the Storage Control gRPC API for each
+        # bucket's layout on every operation; the emulator has none, and with anonymous
+        # credentials each attempt waits out a 60 s timeout. gcsfs reads this at import.
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        # gcsfs anonymous: it never looks for credentials (application default credentials, the
+        # GCE metadata server), and never sends a real token to the emulator.
+        "FSSPEC_GCS_TOKEN": "anon",
+        # tensorstore and TF: a fixed bearer token, so they skip credential discovery too.
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+        # TF's GCS client (libcurl) has googleapis.com compiled in: its HTTPS goes through the
+        # proxy (both spellings: curl prefers the lower-case one, which a developer may have
+        # set) ...
+        "HTTPS_PROXY": proxy_url,
+        "https_proxy": proxy_url,
+        # ... and trusts the proxy's test-only CA (TF passes this to curl as its CA bundle).
+        "CURL_CA_BUNDLE": ca_file,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +90,7 @@ class GcsEmulator:
     @property
     def env(self) -> dict[str, str]:
         """The variables :func:`running_emulator` set, for a subprocess's ``env=``."""
-        values = {"<proxy>": self.proxy_url, "<ca>": self.ca_file}
-        return {key: self.url if value is None else values.get(value, value)
-                for key, value in EMULATOR_ENV.items()}
+        return emulator_env(self.url, self.proxy_url, self.ca_file)
 
     def create_bucket(self, name: str) -> epath.Path:
         """Creates another bucket (the JSON API's buckets.insert); returns ``gs://<name>``."""
@@ -121,14 +126,31 @@ def _answers(url: str) -> bool:
         return False
 
 
+# Runs argv[1:] after asking Linux to SIGTERM it when this process's parent dies (the setting
+# survives exec): a pytest killed by a signal or a timeout leaves no server behind.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit('parent already gone')\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n")
+
+
+def die_with_parent(argv: list[str]) -> list[str]:
+    """argv, wrapped so that the process ends when the calling process does (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return argv
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
+
+
 def _start_server(binary: str, log) -> tuple[subprocess.Popen, int]:
     """Starts the server on a free port; retries if another process took the port first."""
     for _ in range(3):
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         process = subprocess.Popen(
-            [binary, "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-             "-port", str(port), "-external-url", url, "-log-level", "warn"],
+            die_with_parent([binary, "-scheme", "http", "-backend", "memory", "-host",
+                             "127.0.0.1", "-port", str(port), "-external-url", url,
+                             "-log-level", "warn"]),
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT_S
         while process.poll() is None and time.monotonic() < deadline:
@@ -142,7 +164,8 @@ def _start_server(binary: str, log) -> tuple[subprocess.Popen, int]:
 def _start_proxy(emulator_port: int, cert_dir: str, log) -> tuple[subprocess.Popen, int]:
     """Starts gcs_tls_proxy.py; it prints "PORT <n>" once it listens."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_tls_proxy.py")
-    process = subprocess.Popen([sys.executable, script, str(emulator_port), cert_dir],
+    process = subprocess.Popen(die_with_parent([sys.executable, script, str(emulator_port),
+                                                cert_dir]),
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
                                text=True)
     ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT_S)

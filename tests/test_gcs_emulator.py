@@ -13,7 +13,9 @@ import os
 import signal
 import subprocess
 import sys
+import pathlib
 import textwrap
+import time
 import urllib.request
 
 import clu.metric_writers
@@ -23,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
 from etils import epath
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
@@ -54,6 +58,30 @@ def test_environment_points_every_client_at_the_emulator(gcs_emulator):
         assert os.environ[key] == value, key
     with urllib.request.urlopen(f"{gcs_emulator.url}/storage/v1/b") as response:
         assert gcs_emulator.bucket in [b["name"] for b in json.load(response)["items"]]
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def test_a_killed_owner_leaves_no_emulator_behind(gcs_emulator):
+    result = run_python("""
+        import os, signal
+        from gcs_emulator import running_emulator
+        with running_emulator() as emulator:
+            print(emulator.url, emulator.proxy_url, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    url, proxy_url = result.stdout.split()
+    deadline = time.monotonic() + 10
+    while (_answers(url) or _answers(proxy_url)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _answers(url) and not _answers(proxy_url)
 
 
 def test_epath_round_trip_through_tensorflow_gfile(gcs_emulator, gcs_dir):
@@ -136,7 +164,8 @@ def test_gcsfs_listings_cache_misses_other_processes_unless_disabled(gcs_emulato
                         f"from etils import epath; epath.Path('{root}/c').write_text('c')"],
                        check=True)
         print(sorted(p.name for p in root.iterdir()), (root / "c").exists())
-    """, os.fspath(gcs_dir), env={"EPATH_USE_TF": "false", "FSSPEC_GCS_USE_LISTINGS_CACHE": "false"})
+    """, os.fspath(gcs_dir),
+        env={"EPATH_USE_TF": "false", "FSSPEC_GCS_USE_LISTINGS_CACHE": "false"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split("\n")[-2] == "['a', 'b', 'c'] True"
 
@@ -230,3 +259,32 @@ def test_tensorboard_events_written_by_clu_to_gcs_read_back_by_tensorboard(gcs_e
     loss = [(event.step, float(tensor_util.make_ndarray(event.tensor_proto)))
             for event in events.Tensors("loss")]
     assert loss == [(0, 1.0), (1, 0.5), (2, pytest.approx(1 / 3))]
+
+
+@pytest.mark.parametrize("file_format", ["tfrecord", "array_record"])
+def test_tfds_reads_a_dataset_copied_into_the_bucket(gcs_emulator, gcs_dir, tmp_path,
+                                                     file_format):
+    """Prepared locally (tfds cannot prepare into gs:// on the emulator: it renames the finished
+    directory, see above, and array_record writes local files only), copied through epath, read
+    from gs://: tfrecord by tf.data through TF's GCS client, array_record (as_data_source) by
+    array_record's own GCS client (google-cloud-cpp)."""
+    images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
+    labels = np.arange(6) % 3
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name="tiny", version="1.0.0", data_dir=tmp_path, file_format=file_format,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(8, 8, 1)),
+            "label": tfds.features.ClassLabel(num_classes=3)}),
+        split_datasets={"train": tf.data.Dataset.from_tensor_slices(
+            {"image": images, "label": labels})})
+    for local in pathlib.Path(tmp_path, "tiny").rglob("*"):
+        if local.is_file():
+            (gcs_dir / local.relative_to(tmp_path)).write_bytes(local.read_bytes())
+    builder = tfds.builder("tiny", data_dir=os.fspath(gcs_dir))
+    assert builder.info.splits["train"].num_examples == 6
+    if file_format == "tfrecord":
+        examples = list(builder.as_dataset(split="train").as_numpy_iterator())
+    else:
+        examples = list(builder.as_data_source(split="train"))
+    by_label = sorted((int(e["label"]), e["image"].tobytes()) for e in examples)
+    assert by_label == sorted(zip(labels.tolist(), [image.tobytes() for image in images]))
