@@ -46,6 +46,15 @@ def object_names(emulator: GcsEmulator, prefix: epath.Path) -> list[str]:
                       for item in json.load(response).get("items", []))
 
 
+def upload(emulator: GcsEmulator, path: epath.Path, data: bytes) -> None:
+    """Writes an object with the JSON API's simple upload: another writer, no client cache."""
+    key = str(path).removeprefix(f"gs://{emulator.bucket}/")
+    request = urllib.request.Request(
+        f"{emulator.url}/upload/storage/v1/b/{emulator.bucket}/o?uploadType=media&name={key}",
+        data=data, method="POST")
+    urllib.request.urlopen(request).close()
+
+
 def run_python(code: str, *args: str, env: dict[str, str] | None = None
                ) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], cwd=TESTS_DIR,
@@ -170,6 +179,18 @@ def test_gcsfs_listings_cache_misses_other_processes_unless_disabled(gcs_emulato
     assert result.stdout.split("\n")[-2] == "['a', 'b', 'c'] True"
 
 
+def test_tensorflow_stat_cache_hides_another_writer_for_five_seconds(gcs_emulator, gcs_dir):
+    """TF caches each object's size for GCS_STAT_CACHE_MAX_AGE (default 5 s) and reads only
+    that many bytes: within 5 s of another writer's rewrite, this process reads a truncated
+    object. GCS_STAT_CACHE_MAX_AGE=0 (read once per process) turns the cache off."""
+    path = gcs_dir / "metrics.json"
+    path.write_text("old")
+    assert path.stat().length == 3
+    upload(gcs_emulator, path, b"the new one")
+    assert path.stat().length == 3 and path.read_text() == "the"  # Stale size, new bytes.
+    assert object_names(gcs_emulator, gcs_dir) == ["metrics.json"]
+
+
 def _state(step: int) -> dict:
     return {"w": jnp.arange(12.0).reshape(3, 4) + step, "step": jnp.int32(step)}
 
@@ -199,7 +220,6 @@ def test_orbax_async_checkpoints_save_and_restore_on_gcs(gcs_emulator, gcs_dir):
     jax.tree.map(np.testing.assert_array_equal, restored, _state(3))
 
 
-@pytest.mark.slow
 def test_orbax_ignores_and_cleans_a_save_killed_before_its_commit(gcs_emulator, gcs_dir):
     directory = gcs_dir / "checkpoints"
     options = ocp.CheckpointManagerOptions(create=True, cleanup_tmp_directories=True)
