@@ -24,3 +24,6 @@ except Exception:  # noqa: BLE001
     pass
 
 assert jax.device_count() == 8, "tests expect 8 simulated CPU devices; jax was imported before conftest"
+
+# A real GCS emulator for the tests that ask for it (started on first use, once per process).
+from gcs_emulator import gcs_dir, gcs_emulator  # noqa: E402,F401
