@@ -152,19 +152,22 @@ def barrier(name: str) -> None:
 
 
 class CompiledOnce:
-    """A jitted function compiled ahead of its first call, then a :func:`barrier`, so that its
-    first execution (where cross-process collectives set up their groups) starts at the same
-    time on every process, however long each took to compile. Later calls reuse the compiled
-    executable; arguments must keep their shapes, dtypes and shardings."""
+    """A jitted function compiled ahead of its first call for each argument signature, then a
+    :func:`barrier`, so that its first execution (where cross-process collectives set up their
+    groups) starts at the same time on every process, however long each took to compile."""
 
     def __init__(self, jitted: Callable, name: str):
-        self._jitted, self._name, self._compiled = jitted, name, None
+        self._jitted, self._name, self._compiled = jitted, name, {}
 
     def __call__(self, *args):
-        if self._compiled is None:
-            self._compiled = self._jitted.lower(*args).compile()
+        leaves, treedef = jax.tree.flatten(args)
+        signature = (treedef, tuple((np.shape(x), getattr(x, "dtype", type(x)),
+                                     getattr(x, "sharding", None)) for x in leaves))
+        compiled = self._compiled.get(signature)
+        if compiled is None:
+            compiled = self._compiled[signature] = self._jitted.lower(*args).compile()
             barrier(f"compiled {self._name}")
-        return self._compiled(*args)
+        return compiled(*args)
 
 
 def to_host(tree: Any) -> Any:
