@@ -1,114 +1,297 @@
-"""Checkpoints of a pretraining run (orbax) and the exported backbone.
+"""Checkpoints of a pretraining run (orbax) and the exported backbone and model.
 
-A workdir holds ``config.json`` (the resolved config of the run), ``checkpoints/<step>/`` (orbax,
-written to a temporary directory and renamed, so a kill mid-write leaves the previous checkpoint
-intact) and, at the end, ``backbone.msgpack``: the backbone's variables and the config fields that
-rebuild it, for :func:`load_backbone`.
+``WORKDIR/checkpoints/<step>/`` holds two orbax items: ``state`` (the replicated TrainState) and
+``run`` (the run's identity, :func:`bt_jax.config.resume_identity`, so that a resumed run is
+checked against the checkpoint itself, not only against ``config.json``). Saves are asynchronous
+(orbax writes in the background while the devices go on) and atomic: a step directory appears
+only once complete (renamed from a temporary directory on a local disk, a commit marker on
+object storage), so a run killed at any moment resumes from its last complete checkpoint.
+Restoring tries the latest step first and falls back to earlier ones, saying why.
+
+Runs written before the ``run`` item existed hold one item, ``default``; they still resume and
+evaluate (their identity comes from their ``config.json``).
+
+At the end of a run, ``backbone.msgpack`` (backbone variables and the fields that rebuild it,
+for :func:`load_backbone`) and ``model.msgpack`` (backbone + projector, :func:`load_model`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-from typing import Any
+from typing import Any, Callable
 
 import flax.serialization
 import jax
-import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 
+from bt_jax import cli
+from bt_jax import errors
+from bt_jax import files
 from bt_jax import models
-from bt_jax.config import RESUME_KEYS
 
-CONFIG_FILE = "config.json"
+CHECKPOINTS = "checkpoints"
+UNREADABLE = "checkpoints_unreadable"  # where checkpoints that fail to restore are set aside
 BACKBONE_FILE = "backbone.msgpack"
-# The config fields that rebuild a backbone (bt_jax.models.create keyword arguments).
-BACKBONE_FIELDS = ("model", "stem", "width", "zero_init_residual")
+MODEL_FILE = "model.msgpack"
+STATE, RUN, LEGACY_STATE = "state", "run", "default"
+# The model.* fields that rebuild a backbone (bt_jax.models.create keyword arguments).
+BACKBONE_FIELDS = ("name", "stem", "width", "zero_init_residual")
 
 
-class IncompatibleCheckpointError(ValueError):
+class CheckpointError(errors.Error):
+    """No checkpoint of the workdir can be used; the message says why and what to do."""
+
+
+class IncompatibleCheckpointError(CheckpointError):
     """The workdir holds a run whose config cannot be resumed by the one given."""
 
 
-def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Refuses to resume a workdir whose saved config differs in a key that shapes the run."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        saved = json.load(f)
-    # Compared as JSON holds them: tuples come back as lists.
-    given = json.loads(json.dumps({key: config[key] for key in RESUME_KEYS}))
-    different = {key: (saved.get(key), given[key]) for key in RESUME_KEYS
-                 if saved.get(key) != given[key]}
+class NoCheckpointError(CheckpointError):
+    """The workdir holds no checkpoint (or not the step asked for)."""
+
+
+def directory(workdir: epath.PathLike) -> epath.Path:
+    return epath.Path(workdir) / CHECKPOINTS
+
+
+def _registry(partial: bool = False) -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    if partial:  # reading some subtrees only, as numpy: PyTree restore arguments
+        for item in (STATE, LEGACY_STATE):
+            registry.add(item, ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler)
+    else:
+        for item in (STATE, LEGACY_STATE):
+            registry.add(item, ocp.args.StandardSave, ocp.StandardCheckpointHandler)
+            registry.add(item, ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+    registry.add(RUN, ocp.args.JsonSave, ocp.JsonCheckpointHandler)
+    registry.add(RUN, ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
+    return registry
+
+
+def open_manager(workdir: epath.PathLike, *, keep: int) -> ocp.CheckpointManager:
+    """The training run's manager: async saves, the latest ``keep`` kept, temporary directories
+    of interrupted saves cleaned up."""
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+        create=True,
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=True,
+    )
+    return ocp.CheckpointManager(directory(workdir), options=options,
+                                 handler_registry=_registry())
+
+
+def _reader(workdir: epath.PathLike, partial: bool = False) -> ocp.CheckpointManager:
+    # Never creates, prunes or cleans anything: a training run may be writing this workdir.
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                           cleanup_tmp_directories=False)
+    return ocp.CheckpointManager(directory(workdir), options=options,
+                                 handler_registry=_registry(partial))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, identity: dict) -> None:
+    """Starts an asynchronous save of ``state`` and the run's identity at ``step``.
+
+    Returns once the arrays are copied off the devices (the state may then be donated to the
+    next step); the files are written in the background, the previous save finished first.
+    """
+    manager.save(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardSave(state), RUN: ocp.args.JsonSave(identity)}))
+
+
+def _items(manager: ocp.CheckpointManager, step: int) -> set[str]:
+    path = epath.Path(manager.directory) / str(step)
+    return {child.name for child in path.iterdir()} if path.exists() else set()
+
+
+def _state_item(manager: ocp.CheckpointManager, step: int) -> str:
+    return LEGACY_STATE if LEGACY_STATE in _items(manager, step) else STATE
+
+
+def stored_identity(manager: ocp.CheckpointManager, step: int) -> dict | None:
+    """The run identity saved with ``step``; None for checkpoints older than the ``run`` item."""
+    if RUN not in _items(manager, step):
+        return None
+    restored = manager.restore(step, args=ocp.args.Composite(**{RUN: ocp.args.JsonRestore()}))
+    return dict(restored[RUN])
+
+
+def check_identity(saved: dict, given: dict, where: str) -> None:
+    """IncompatibleCheckpointError naming every key whose value differs."""
+    different = {key: (saved.get(key), value) for key, value in given.items()
+                 if key in saved and saved[key] != value}
     if different:
         details = ", ".join(f"{key}: saved {old!r}, given {new!r}"
-                            for key, (old, new) in different.items())
+                            for key, (old, new) in sorted(different.items()))
         raise IncompatibleCheckpointError(
-            f"The workdir {workdir} holds a run with another config ({details}). Nothing was "
-            "overwritten. Use a new --workdir, or the saved values to resume.")
+            f"{where} holds a run with another config ({details}). Nothing was overwritten. Use "
+            "a new --workdir, or the saved values to resume.")
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    if jax.process_index() != 0:
-        return
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+def restore(manager: ocp.CheckpointManager, target: Any, *, identity: dict,
+            on_unreadable: Callable[[int, str], None] | None = None) -> tuple[Any, int | None]:
+    """(state, step) from the latest checkpoint that restores, or (target, None) if none exists.
 
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} does not exist: {workdir} is not a bt_jax run directory. Pass the --workdir "
-            "of a pretraining run.")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-    """Keeps the last ``config.keep_checkpoints``; saving is synchronous so a save is complete
-    (and renamed into place) before training goes on, which exact resume after SIGKILL needs."""
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.keep_checkpoints,
-        create=True,
-        enable_async_checkpointing=False,
-        cleanup_tmp_directories=True,
-    )
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                 options=options)
-
-
-def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
-    manager.save(step, args=ocp.args.StandardSave(state), force=True)
-    manager.wait_until_finished()
-
-
-def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None) -> Any:
-    """Restores the given step (default the latest) into the structure and shardings of target."""
-    step = manager.latest_step() if step is None else step
+    Checks each checkpoint's stored identity against ``identity`` (IncompatibleCheckpointError,
+    never a fallback). A checkpoint that fails to restore (a file missing or truncated) is
+    reported in one line through ``on_unreadable(step, why)`` and the previous one is tried;
+    CheckpointError when none restores.
+    """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    failures = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            saved = stored_identity(manager, step)
+            if saved is not None:
+                check_identity(saved, identity, f"The checkpoint {directory_of(manager)}/{step}")
+            item = _state_item(manager, step)
+            restored = manager.restore(step, args=ocp.args.Composite(**{
+                item: ocp.args.StandardRestore(abstract)}))
+            return restored[item], step
+        except IncompatibleCheckpointError:
+            raise
+        except Exception as error:  # noqa: BLE001 - orbax/tensorstore raise many types
+            why = cli.describe(error)
+            failures.append(f"step {step}: {why}")
+            if on_unreadable is not None:
+                on_unreadable(step, why)
+    if failures:
+        raise CheckpointError(
+            f"No checkpoint in {directory_of(manager)} restores ({'; '.join(failures)}). "
+            "Nothing was changed. Start again in a new --workdir, or restore the files.")
+    return target, None
 
 
-def export_backbone(path: str, config: ml_collections.ConfigDict, variables: dict) -> None:
-    """Writes the backbone's variables ({"params", "batch_stats"}) and how to rebuild it."""
+def directory_of(manager: ocp.CheckpointManager) -> str:
+    return str(manager.directory)
+
+
+def set_aside(workdir: epath.PathLike, step: int) -> epath.Path:
+    """Moves an unreadable checkpoint out of orbax's directory (nothing is deleted), so that a
+    resumed run can save that step again. Process 0 only; returns where it went."""
+    destination = epath.Path(workdir) / UNREADABLE / str(step)
+    if jax.process_index() == 0:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if destination.exists():
+            destination.rmtree()
+        (directory(workdir) / str(step)).rename(destination)
+    return destination
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a run for evaluation: steps, variables, never writing anything.
+
+
+def steps(workdir: epath.PathLike) -> list[int]:
+    """The steps of the complete checkpoints in ``workdir`` (sorted; [] if none)."""
+    if not directory(workdir).exists():
+        return []
+    manager = _reader(workdir)
+    try:
+        return sorted(int(step) for step in manager.all_steps())
+    finally:
+        manager.close()
+
+
+def read_variables(workdir: epath.PathLike, step: int, part: str | None = "backbone") -> dict:
+    """{"params", "batch_stats"} at checkpoint ``step`` as numpy: of the backbone
+    (``part="backbone"``), the projector, or the whole model (``part=None``).
+
+    Only those subtrees are read, whatever else the state held (optimiser, probe, fields of
+    older versions), and whatever devices it was saved from. CheckpointError if unreadable.
+    """
+    manager = _reader(workdir, partial=True)
+    where = f"{directory(workdir)}/{step}"
+    try:
+        item = _state_item(manager, step)
+        metadata = manager.item_metadata(step)[item]
+        try:
+            wanted = {key: (metadata[key] if part is None else {part: metadata[key][part]})
+                      for key in ("params", "batch_stats")}
+        except (KeyError, TypeError):
+            raise CheckpointError(
+                f"The checkpoint {where} holds no params/{part} and batch_stats/{part}: it is "
+                "not a bt_jax pretraining checkpoint.") from None
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        restored = manager.restore(step, args=ocp.args.Composite(**{
+            item: ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
+                                         partial_restore=True)}))[item]
+    except CheckpointError:
+        raise
+    except Exception as error:  # noqa: BLE001 - orbax/tensorstore raise many types
+        raise CheckpointError(f"The checkpoint {where} cannot be read: "
+                              f"{cli.describe(error)}") from None
+    finally:
+        manager.close()
+    restored = plain(restored)
+    if part is None:
+        return restored
+    return {key: restored[key][part] for key in ("params", "batch_stats")}
+
+
+def plain(tree: Any) -> Any:
+    """Nested dicts all the way down (FrozenDicts and orbax mappings included)."""
+    if hasattr(tree, "items"):
+        return {key: plain(value) for key, value in tree.items()}
+    return tree
+
+
+def check_finite(variables: Any, where: str) -> None:
+    """CheckpointError naming the first non-finite array: a diverged run cannot be evaluated."""
+    flat = flax.traverse_util.flatten_dict(plain(variables), sep="/")
+    bad = [key for key, value in flat.items()
+           if np.issubdtype(np.asarray(value).dtype, np.floating)
+           and not np.all(np.isfinite(value))]
+    if bad:
+        raise CheckpointError(
+            f"{where} holds non-finite values ({len(bad)} arrays, e.g. {bad[0]}): the run "
+            "diverged before it was saved. Evaluate an earlier checkpoint (--step) instead.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Exported weights for downstream use.
+
+
+def _export(path: epath.Path, fields: dict, variables: dict) -> None:
+    payload = {"config": json.dumps(fields), "variables": jax.device_get(variables)}
+    files.write_bytes(path, flax.serialization.msgpack_serialize(payload))
+
+
+def export(workdir: epath.PathLike, model_config: Any, variables: dict) -> None:
+    """Writes ``backbone.msgpack`` and ``model.msgpack`` (process 0 only).
+
+    variables: {"params", "batch_stats"} of the whole model ({"backbone", "projector"} each).
+    """
     if jax.process_index() != 0:
         return
-    payload = {
-        "config": json.dumps({key: config[key] for key in BACKBONE_FIELDS}),
-        "variables": jax.device_get(variables),
-    }
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(flax.serialization.msgpack_serialize(payload))
-    os.replace(tmp, path)
+    backbone_fields = {key: model_config[key] for key in BACKBONE_FIELDS}
+    _export(epath.Path(workdir) / BACKBONE_FILE, backbone_fields,
+            {key: variables[key]["backbone"] for key in ("params", "batch_stats")})
+    _export(epath.Path(workdir) / MODEL_FILE, {**backbone_fields,
+                                               "projector": model_config["projector"]},
+            variables)
 
 
-def load_backbone(path: str, **overrides: Any) -> tuple[Any, dict]:
+def _read_export(path: epath.PathLike, name: str) -> tuple[dict, dict]:
+    path = epath.Path(path)
+    if path.is_dir():
+        path = path / name
+    if not path.exists():
+        raise NoCheckpointError(
+            f"No exported weights at {path}. They are written at the end of `python -m "
+            "bt_jax.train`; pass that file or its workdir.")
+    try:
+        payload = flax.serialization.msgpack_restore(path.read_bytes())
+        return json.loads(payload["config"]), plain(payload["variables"])
+    except Exception as error:  # noqa: BLE001 - msgpack raises many types for a bad file
+        raise CheckpointError(f"{path} is not an exported bt_jax model ({cli.describe(error)}). "
+                              "Export it again with python -m bt_jax.train.") from None
+
+
+def load_backbone(path: epath.PathLike, **overrides: Any) -> tuple[Any, dict]:
     """A pretrained backbone for downstream use: ``(module, variables)``.
 
     ``path`` is a ``backbone.msgpack`` (or a workdir containing one). ``overrides`` change module
@@ -117,14 +300,17 @@ def load_backbone(path: str, **overrides: Any) -> tuple[Any, dict]:
         module, variables = bt_jax.load_backbone("runs/default")
         features = module.apply(variables, images, train=False)   # [B, F]
     """
-    if os.path.isdir(path):
-        path = os.path.join(path, BACKBONE_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"No exported backbone at {path}. It is written at the end of `python -m "
-            "bt_jax.train`; pass that file or its workdir.")
-    with open(path, "rb") as f:
-        payload = flax.serialization.msgpack_restore(f.read())
-    fields = json.loads(payload["config"])
-    module = models.create(fields.pop("model"), **fields, **overrides)
-    return module, payload["variables"]
+    fields, variables = _read_export(path, BACKBONE_FILE)
+    return models.create(fields.pop("name", None) or fields.pop("model"), **fields,
+                         **overrides), variables
+
+
+def load_model(path: epath.PathLike, **overrides: Any) -> tuple[Any, dict]:
+    """Backbone + projector of a run: ``(BarlowTwinsModel, variables)``, for continuing
+    pretraining or comparing embeddings.
+
+        model, variables = bt_jax.load_model("runs/default")
+        representation, embedding = model.apply(variables, images, train=False)
+    """
+    fields, variables = _read_export(path, MODEL_FILE)
+    return models.create_model(**fields, **overrides), variables

@@ -44,6 +44,22 @@ def describe(error: BaseException) -> str:
     return " ".join(message.split())  # one line, whatever the message held
 
 
+def _exit(status: int) -> NoReturn:
+    """sys.exit, or os._exit with several JAX processes: an error on one host must not wait in
+    jax.distributed's shutdown barrier (300 s, then every process aborts and the status is
+    lost); the other hosts stop when they miss its heartbeat."""
+    jax = sys.modules.get("jax")
+    if status and jax is not None and _distributed(jax):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
+def _distributed(jax) -> bool:
+    return bool(jax.distributed.is_initialized())
+
+
 def run(main: Callable[[], int | None], *, verbose: bool | None = None) -> NoReturn:
     """Runs ``main()`` and exits with its status; errors become one ``error:`` line."""
     verbose = verbose_requested() if verbose is None else verbose
@@ -55,10 +71,10 @@ def run(main: Callable[[], int | None], *, verbose: bool | None = None) -> NoRet
         if verbose:
             raise
         sys.stderr.write("error: interrupted (Ctrl-C).\n")
-        sys.exit(130)
+        _exit(130)
     except Exception as error:  # noqa: BLE001 - the edge: everything becomes one line
         if verbose:
             raise
         sys.stderr.write(f"error: {describe(error)}\n")
-        sys.exit(1)
+        _exit(1)
     sys.exit(status or 0)

@@ -52,7 +52,7 @@ see gradients 1 / 0.024 larger on the new scale.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +65,6 @@ __all__ = [
     "is_weight",
     "param_labels",
     "lars",
-    "create_optimizer",
     "current_learning_rates",
 ]
 
@@ -297,64 +296,30 @@ def lars(
     return optax.partition({WEIGHTS: weights_tx, BIASES_AND_BN: biases_tx}, param_labels)
 
 
-def _config_value(config: Any, name: str, default: Any = None, *, required: bool = False) -> Any:
-    # Accepts ml_collections.ConfigDict, plain mappings and attribute objects.
-    if isinstance(config, Mapping):
-        present = name in config
-        value = config[name] if present else None
-    else:
-        present = hasattr(config, name)
-        value = getattr(config, name) if present else None
-    if not present or value is None:
-        if required:
-            raise ValueError(f"config has no '{name}'; set config.{name} before building the optimiser.")
-        return default
-    return value
-
-
-def _schedule_kwargs(config: Any, steps_per_epoch: int) -> dict[str, Any]:
-    return dict(
-        global_batch=_config_value(config, "batch_size", required=True),
-        steps_per_epoch=steps_per_epoch,
-        num_epochs=_config_value(config, "num_epochs", required=True),
-        warmup_epochs=_config_value(config, "warmup_epochs", 10),
-    )
-
-
-def create_optimizer(config: Any, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Builds :func:`lars` from a config.
-
-    Reads ``batch_size`` (global) and ``num_epochs`` (required) and
-    ``learning_rate_weights``, ``learning_rate_biases``, ``weight_decay``,
-    ``momentum``, ``trust_coefficient``, ``warmup_epochs`` (official defaults
-    when absent or ``None``).
-    """
-    return lars(
-        **_schedule_kwargs(config, steps_per_epoch),
-        learning_rate_weights=_config_value(config, "learning_rate_weights", 0.2),
-        learning_rate_biases=_config_value(config, "learning_rate_biases", 0.0048),
-        weight_decay=_config_value(config, "weight_decay", 1.5e-6),
-        momentum=_config_value(config, "momentum", 0.9),
-        trust_coefficient=_config_value(config, "trust_coefficient", 0.001),
-    )
-
-
-def current_learning_rates(config: Any, steps_per_epoch: int, step: StepLike) -> dict[str, Any]:
+def current_learning_rates(
+    *,
+    global_batch: int,
+    steps_per_epoch: int,
+    num_epochs: int,
+    step: StepLike,
+    learning_rate_weights: float = 0.2,
+    learning_rate_biases: float = 0.0048,
+    warmup_epochs: int = 10,
+    **unused_lars_options: Any,
+) -> dict[str, Any]:
     """Learning rates applied at optimiser step ``step``, for logging.
 
-    ``step`` is the number of updates already applied (the optimiser's
-    internal count). Returns ``{"lr_weights": ..., "lr_biases": ...}`` as Python
-    floats for a concrete ``step``; under ``jit`` (traced ``step``) the values
-    are float32 scalars.
+    Takes the arguments of :func:`lars` (``**config.optim`` and the run's sizes); ``step`` is
+    the number of updates already applied (the optimiser's internal count). Returns
+    ``{"lr_weights": ..., "lr_biases": ...}``: Python floats for a concrete ``step``, float32
+    scalars under ``jit``.
     """
-    kwargs = _schedule_kwargs(config, steps_per_epoch)
+    del unused_lars_options
+    sizes = dict(global_batch=global_batch, steps_per_epoch=steps_per_epoch,
+                 num_epochs=num_epochs, warmup_epochs=warmup_epochs)
     rates = {
-        "lr_weights": learning_rate_schedule(
-            _config_value(config, "learning_rate_weights", 0.2), **kwargs
-        )(step),
-        "lr_biases": learning_rate_schedule(
-            _config_value(config, "learning_rate_biases", 0.0048), **kwargs
-        )(step),
+        "lr_weights": learning_rate_schedule(learning_rate_weights, **sizes)(step),
+        "lr_biases": learning_rate_schedule(learning_rate_biases, **sizes)(step),
     }
     if isinstance(step, jax.core.Tracer):
         return rates

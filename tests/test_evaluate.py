@@ -18,26 +18,29 @@ from bt_jax import checkpoint
 from bt_jax import config as config_lib
 from bt_jax import data
 from bt_jax import evaluate as ev
-from bt_jax import train
+from bt_jax.evaluate import baselines
+from bt_jax.evaluate import logreg
+from bt_jax.train import loop
 
-from train_helpers import REPO
+from train_helpers import REPO, subprocess_env
 from train_helpers import tiny_config as tiny_training_config
+
+ALL_SETTINGS = {"pretrained", "random_init", "random_init_bn", "random_fan_in_bn"}
 
 
 def tiny_config(**overrides):
     """The trainers' tiny config, as a 2-step run at batch 32 with a checkpoint every step."""
-    config = tiny_training_config(batch_size=32, max_steps=2, log_every_steps=1,
-                                  checkpoint_every_steps=1)
+    config = tiny_training_config(batch_size=32, max_steps=2, logging__every_steps=1,
+                                  checkpoint__every_steps=1, **overrides)
     config.eval.at_end = False  # the quick evaluation is tested here, not run by the fixture
-    config.update(overrides)
     return config
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A 2-step pretraining run on digits: checkpoints 1 and 2, config.json, backbone.msgpack."""
+    """A 2-step pretraining run on digits: checkpoints 1 and 2, config.json, the exports."""
     workdir = str(tmp_path_factory.mktemp("run"))
-    train.train_and_evaluate(tiny_config(), workdir)
+    loop.train_and_evaluate(tiny_config(), workdir)
     return workdir
 
 
@@ -110,7 +113,7 @@ def test_logreg_separates_separable_features():
 
     result = ev.logreg_protocol(*blobs(40), *blobs(20), num_classes=3)
     assert result["top1"] == 1.0 and result["top5"] == 1.0
-    assert result["C"] in ev.LOGREG_C_GRID
+    assert result["C"] in logreg.C_GRID
 
 
 def test_topk_accuracy():
@@ -124,19 +127,20 @@ def test_topk_accuracy():
 # Config, label subsets, errors that need no run.
 
 
-def test_run_config_is_merged_over_the_defaults(tmp_path):
+def test_run_config_is_read_in_either_layout_with_overrides(tmp_path):
     saved = tiny_config().to_dict()
     del saved["eval"]  # an older run, from before the evaluation keys existed
-    saved["removed_key"] = 1
-    with open(tmp_path / "config.json", "w") as f:
-        json.dump(saved, f)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
     config = ev.load_run_config(str(tmp_path), {"eval.knn_k": 5})
-    assert config.width == 4 and config.projector == "32-32"  # the run's values
+    assert config.model.width == 4 and config.model.projector == "32-32"  # the run's values
     assert config.eval.linear_epochs == config_lib.get_config().eval.linear_epochs  # defaults
     assert config.eval.knn_k == 5  # the override
-    assert "removed_key" not in config
     with pytest.raises(config_lib.ConfigError, match="knn_temperature"):
         ev.load_run_config(str(tmp_path), {"eval.knn_temperature": 0.0})
+    flat = {"model": "resnet18", "width": 4, "projector": "32-32", "image_size": 16}
+    (tmp_path / "config.json").write_text(json.dumps(flat))  # the layout before the groups
+    config = ev.load_run_config(str(tmp_path))
+    assert (config.model.name, config.model.width, config.data.image_size) == ("resnet18", 4, 16)
 
 
 def test_label_subsets_are_class_balanced_deterministic_and_nested():
@@ -154,30 +158,35 @@ def test_label_subsets_are_class_balanced_deterministic_and_nested():
 
 
 def test_a_source_without_labels_is_refused():
+    config = tiny_config()
+    config.data.dataset = "folder"
     images = np.zeros((8, 16, 16, 3), np.uint8)
     source = data.from_arrays("unlabelled", images, None, images, None)
-    with pytest.raises(ev.UnlabelledSourceError, match="no labels"):
-        ev.run_protocols(["knn"], tiny_config(), None, None, source)
+    with pytest.raises(ev.UnlabelledSourceError, match="no labels.*config.eval.dataset"):
+        ev.labelled_source(config, pretraining=source)
+    assert ev.labelled_source(config, pretraining=source, required=False) is None
+
+
+def test_every_protocol_is_registered_by_name():
+    assert set(ev.protocols()) == {"linear", "logreg", "knn", "finetune"}
 
 
 # ---------------------------------------------------------------------------------------------
 # On a tiny pretraining run.
 
 
-def test_cli_writes_knn_results_with_the_random_init_baseline(run_dir):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               # One device: the checkpoint was saved from 8, and must restore on any topology.
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+def test_cli_writes_knn_results_beside_the_baselines(run_dir):
+    # One device: the checkpoint was saved from 8, and must restore on any topology.
     command = [sys.executable, "-m", "bt_jax.evaluate", f"--workdir={run_dir}",
                "--protocol=knn", "--config.eval.knn_k=20"]
-    process = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=300)
+    process = subprocess.run(command, cwd=REPO, env=subprocess_env(1), capture_output=True,
+                             text=True, timeout=300)
     assert process.returncode == 0, process.stderr[-3000:]
     with open(os.path.join(run_dir, "eval_knn.json")) as f:
         record = json.load(f)
     assert record["protocol"] == "knn" and record["step"] == 2
-    assert record["dataset"] == "digits" and record["model"] == "resnet18"
-    assert set(record["results"]) == {"pretrained", "random_init"}
+    assert record["dataset"] == "digits" and record["model"]["name"] == "resnet18"
+    assert set(record["results"]) == ALL_SETTINGS
     for result in record["results"].values():
         assert_accuracies(result)
         assert result["k"] == 20
@@ -185,15 +194,12 @@ def test_cli_writes_knn_results_with_the_random_init_baseline(run_dir):
     tags = {value.tag for path in glob.glob(os.path.join(run_dir, "events.out.tfevents*"))
             for event in tf.compat.v1.train.summary_iterator(path)
             for value in event.summary.value}
-    assert {"eval/knn_top1", "eval/knn_top1_random_init"} <= tags
+    assert {"eval/knn_top1", "eval/knn_top1_random_init", "eval/knn_top1_random_init_bn"} <= tags
 
 
-def test_linear_protocol_for_one_epoch_through_the_command_line(run_dir):
-    args, rest = ev.parse_args(["evaluate", f"--workdir={run_dir}", "--protocol=linear",
-                                "--config.eval.linear_epochs=1"])
-    assert rest == ["evaluate"] and args.overrides == {"eval.linear_epochs": 1}
-    [record] = ev.run_command_line(args)
-    assert set(record["results"]) == {"pretrained", "random_init"}
+def test_linear_protocol_for_one_epoch(run_dir):
+    record = ev.evaluate(run_dir, "linear", overrides={"eval.linear_epochs": 1})
+    assert set(record["results"]) == ALL_SETTINGS
     for result in record["results"].values():
         assert_accuracies(result)
         assert result["epochs"] == 1 and result["train_examples"] == 1500
@@ -212,48 +218,78 @@ def test_finetune_on_label_subsets(run_dir):
 
 def test_evaluate_quick_and_every_checkpoint(run_dir):
     config = ev.load_run_config(run_dir)
-    source = ev.load_labelled_source(config)
-    variables, step = ev.load_backbone_variables(run_dir, config)
+    variables, step = ev.load_variables(run_dir, config)
     assert step == 2
-    quick = ev.evaluate_quick(config, ev.build_backbone(config), variables, source)
+    context = ev.make_context(config, ev.labelled_source(config))
+    quick = ev.with_baselines(ev.QUICK, context, variables)
     for protocol in ("logreg", "knn"):
-        assert set(quick[protocol]) == {"pretrained", "random_init"}
-        for result in quick[protocol].values():
-            assert_accuracies(result)
+        assert set(quick[protocol]) >= ALL_SETTINGS
+        for name in ALL_SETTINGS:
+            assert_accuracies(quick[protocol][name])
     line = ev.summary_line(quick)
-    assert "kNN top-1" in line and "random init" in line
+    assert "kNN top-1" in line and "random init bn" in line
 
     records = ev.evaluate_checkpoints(run_dir, ("knn",))
     assert [r["step"] for r in records] == [1, 2]
     assert records[-1]["results"]["knn"]["pretrained"] == quick["knn"]["pretrained"]
-    # The baseline is computed once and is the same at every step.
+    # The baselines are computed once and are the same at every step.
     assert records[0]["results"]["knn"]["random_init"] == quick["knn"]["random_init"]
     assert os.path.exists(os.path.join(run_dir, "eval_checkpoints.json"))
     subset = ev.evaluate_checkpoints(run_dir, ("knn",), steps=[2], baselines=False)
     assert [r["step"] for r in subset] == [2]
     assert subset[0]["results"]["knn"]["pretrained"] == quick["knn"]["pretrained"]
-    with pytest.raises(ev.NoCheckpointError, match=r"steps \[5\]"):
+    with pytest.raises(checkpoint.NoCheckpointError, match=r"steps \[5\]"):
         ev.evaluate_checkpoints(run_dir, ("knn",), steps=[5])
+
+
+def test_recomputed_batch_norm_statistics_are_the_training_mode_average(run_dir):
+    """The BN baseline's statistics equal the mean of per-batch statistics of a training-mode
+    pass (checked on the first BatchNorm: the conv before it is linear, so its batch mean is
+    the conv of the batch's mean image)."""
+    config = ev.load_run_config(run_dir)
+    context = ev.make_context(config, ev.labelled_source(config))
+    initial = baselines.random_init(config)
+    recomputed = baselines.recompute_batch_stats(context, initial, num_batches=2)
+    first = recomputed["batch_stats"]["bn1"]
+    assert not np.allclose(first["mean"], initial["batch_stats"]["bn1"]["mean"])
+    images = []
+    for batch in data.eval_batches(context.source, split="train", batch_size=256,
+                                   image_size=16, resize_size=16):
+        images.append(batch["image"])
+        if len(images) == 2:
+            break
+    from bt_jax.data import photometric
+    import jax.numpy as jnp
+    kernel = initial["params"]["conv1"]["kernel"]
+    means = []
+    for batch in images:
+        x = photometric.normalize(jnp.asarray(batch))
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        means.append(np.asarray(jnp.mean(y, axis=(0, 1, 2))))
+    np.testing.assert_allclose(first["mean"], np.mean(means, axis=0), rtol=1e-4, atol=1e-5)
 
 
 def test_checkpoints_load_whatever_else_the_state_holds(run_dir, tmp_path):
     config = ev.load_run_config(run_dir)
-    variables, _ = ev.load_backbone_variables(run_dir, config)
+    variables, _ = ev.load_variables(run_dir, config)
     # A TrainState of another vintage: no optimiser state, a field nobody knows about.
     workdir = str(tmp_path / "other_state")
-    checkpoint.write_config(workdir, config)
-    manager = checkpoint.checkpoint_manager(workdir, config)
+    shutil.copytree(run_dir, workdir, ignore=shutil.ignore_patterns("checkpoints"))
+    manager = checkpoint.open_manager(workdir, keep=2)
     checkpoint.save(manager, 7, {"params": {"backbone": variables["params"]},
                                  "batch_stats": {"backbone": variables["batch_stats"]},
-                                 "some_future_field": np.arange(3)})
+                                 "some_future_field": np.arange(3)},
+                    config_lib.resume_identity(config))
+    manager.wait_until_finished()
     manager.close()
-    restored, step = ev.load_backbone_variables(workdir, config)
+    restored, step = ev.load_variables(workdir, config)
     assert step == 7
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(variables)):
         np.testing.assert_array_equal(got, want)
     # No checkpoints, only the exported backbone: the end of the same run.
     exported_only = copy_run(run_dir, tmp_path / "exported", with_checkpoints=False)
-    restored, step = ev.load_backbone_variables(exported_only, config)
+    restored, step = ev.load_variables(exported_only, config)
     assert step is None
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(variables)):
         np.testing.assert_array_equal(got, want)
@@ -263,18 +299,25 @@ def test_checkpoints_load_whatever_else_the_state_holds(run_dir, tmp_path):
 # Errors.
 
 
+def run_cli(*args, devices=1):
+    return subprocess.run([sys.executable, "-m", "bt_jax.evaluate", *args], cwd=REPO,
+                          env=subprocess_env(devices), capture_output=True, text=True,
+                          timeout=300)
+
+
 def test_a_workdir_without_checkpoints_says_what_to_do(run_dir, tmp_path):
     workdir = str(tmp_path / "empty")
     os.makedirs(workdir)
     shutil.copy(os.path.join(run_dir, "config.json"), workdir)
-    with pytest.raises(ev.NoCheckpointError, match="no checkpoint.*python -m bt_jax.train"):
+    with pytest.raises(checkpoint.NoCheckpointError, match="no checkpoint.*python -m bt_jax"):
         ev.evaluate(workdir, "knn")
-    with pytest.raises(ev.NoCheckpointError, match="no checkpoint of step 99.*steps there"):
+    with pytest.raises(checkpoint.NoCheckpointError, match="no checkpoint of step 99.*steps"):
         ev.evaluate(run_dir, "knn", step=99)
     # The command line reports it as one line, without a traceback.
-    args, _ = ev.parse_args(["evaluate", f"--workdir={workdir}"])
-    with pytest.raises(SystemExit, match="^error: Nothing to evaluate"):
-        ev.main(args)
+    result = run_cli(f"--workdir={workdir}")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: Nothing to evaluate")
+    assert "Traceback" not in result.stderr
     assert not os.path.exists(os.path.join(workdir, "checkpoints"))  # nothing was created
 
 
@@ -283,7 +326,7 @@ def test_a_checkpoint_of_another_architecture_is_refused(run_dir, tmp_path):
     path = os.path.join(workdir, "config.json")
     with open(path) as f:
         saved = json.load(f)
-    saved["width"] = 8
+    saved["model"]["width"] = 8
     with open(path, "w") as f:
         json.dump(saved, f)
     with pytest.raises(ev.ArchitectureMismatchError, match=r"width=8.*conv1/kernel is "
@@ -295,8 +338,8 @@ def test_a_checkpoint_of_another_architecture_is_refused(run_dir, tmp_path):
 
 
 def test_an_unknown_protocol_lists_the_known_ones(run_dir):
-    with pytest.raises(ev.EvaluationError, match="linear, logreg, knn, finetune"):
+    with pytest.raises(ev.EvaluationError, match="finetune, knn, linear, logreg"):
         ev.evaluate(run_dir, "svm")
-    args, _ = ev.parse_args(["evaluate", f"--workdir={run_dir}", "--protocol=svm"])
-    with pytest.raises(SystemExit, match="Unknown protocol 'svm'"):
-        ev.main(args)
+    result = run_cli(f"--workdir={run_dir}", "--protocol=svm")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "svm" in result.stderr.strip().splitlines()[-1]

@@ -229,30 +229,41 @@ def test_one_dimensional_params_get_no_weight_decay_and_no_trust_ratio():
     np.testing.assert_allclose(updates["kernel"], -0.2 * q * dp, rtol=1e-6)
 
 
-def test_create_optimizer_and_current_learning_rates():
-    config = ml_collections.ConfigDict(dict(
-        batch_size=BATCH, num_epochs=NUM_EPOCHS, learning_rate_weights=LR_W, learning_rate_biases=LR_B,
-        weight_decay=WD, momentum=MOMENTUM, trust_coefficient=ETA, warmup_epochs=WARMUP_EPOCHS))
+def test_config_group_builds_the_optimizer_and_its_logged_rates():
+    """optim.lars(**config.optim, ...) is the official step; current_learning_rates takes the
+    same arguments and gives the schedule's values, eagerly and under jit."""
+    optim_config = ml_collections.ConfigDict(dict(
+        learning_rate_weights=LR_W, learning_rate_biases=LR_B, weight_decay=WD,
+        momentum=MOMENTUM, trust_coefficient=ETA, warmup_epochs=WARMUP_EPOCHS))
+    sizes = dict(global_batch=BATCH, steps_per_epoch=STEPS_PER_EPOCH, num_epochs=NUM_EPOCHS)
     rng = np.random.default_rng(3)
     params0 = make_params(rng)
     grad_seq = [make_grads(rng, params0) for _ in range(3)]
     with jax.enable_x64(True):
-        got = run_optax(optim.create_optimizer(config, STEPS_PER_EPOCH), params0, grad_seq)
+        got = run_optax(optim.lars(**optim_config, **sizes), params0, grad_seq)
         want = run_optax(default_lars(), params0, grad_seq)
     for name in params0:
         np.testing.assert_array_equal(got[-1][name], want[-1][name])
 
     for step in (0, 1, 3, 8):
-        rates = optim.current_learning_rates(config, STEPS_PER_EPOCH, step)
+        rates = optim.current_learning_rates(**optim_config, **sizes, step=step)
         assert set(rates) == {"lr_weights", "lr_biases"}
         assert isinstance(rates["lr_weights"], float)
         np.testing.assert_allclose(rates["lr_weights"], official_lr(step, LR_W), rtol=1e-6)
         np.testing.assert_allclose(rates["lr_biases"], official_lr(step, LR_B), rtol=1e-6)
-    traced = jax.jit(lambda s: optim.current_learning_rates(config, STEPS_PER_EPOCH, s))(jnp.int32(3))
+    traced = jax.jit(lambda s: optim.current_learning_rates(**optim_config, **sizes, step=s))(
+        jnp.int32(3))
     np.testing.assert_allclose(traced["lr_biases"], official_lr(3, LR_B), rtol=1e-6)
 
-    with pytest.raises(ValueError, match="batch_size"):
-        optim.create_optimizer(ml_collections.ConfigDict(dict(num_epochs=10)), 5)
+
+def test_config_optim_defaults_are_the_lars_signature():
+    """The official recipe is written once: config.optim reads lars's keyword defaults."""
+    from bt_jax import config as config_lib
+
+    config = config_lib.get_config()
+    assert dict(config.optim) == dict(learning_rate_weights=0.2, learning_rate_biases=0.0048,
+                                      weight_decay=1.5e-6, momentum=0.9, trust_coefficient=0.001,
+                                      warmup_epochs=10)
 
 
 GOOD = dict(global_batch=256, steps_per_epoch=10, num_epochs=20)

@@ -1,7 +1,8 @@
-"""Shared by the trainer tests: tiny configs, subprocess environments, restoring a run."""
+"""Shared by the trainer tests: tiny configs, command lines, subprocess environments, restoring."""
 
 import functools
 import os
+import socket
 import sys
 
 import jax
@@ -9,32 +10,59 @@ import numpy as np
 
 from bt_jax import checkpoint
 from bt_jax import config as config_lib
-from bt_jax import optim
-from bt_jax import train
+from bt_jax import parallel
+from bt_jax import state as state_lib
+from bt_jax import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {
+    "batch_size": 256, "num_epochs": 2, "max_steps": 4, "data.image_size": 16,
+    "data.eval_resize": 16, "model.width": 4, "model.projector": "32-32",
+    "optim.warmup_epochs": 1, "logging.every_steps": 2, "checkpoint.every_steps": 2,
+    "logging.correlation_image_dims": 16,
+}
 
 
 def tiny_config(**overrides):
-    """A config that compiles and steps in seconds on the CPU."""
+    """A config that compiles and steps in seconds on the CPU; overrides by dotted key with
+    "__" for the dot (``model__width=8``) or as a plain top-level key."""
     config = config_lib.get_config()
-    config.update(dict(
-        batch_size=256, image_size=16, eval_resize=16, width=4, projector="32-32",
-        num_epochs=2, warmup_epochs=1, max_steps=4, log_every_steps=2,
-        checkpoint_every_steps=2, correlation_image_dims=16))
-    config.update(overrides)
+    for key, value in {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
+        config_lib.set_dotted(config, key, value)
     return config
 
 
-def restore_params(workdir, step=None):
-    config = checkpoint.read_config(workdir)
-    manager = checkpoint.checkpoint_manager(workdir, config)
-    model = train.build_model(config)
-    tx = optim.create_optimizer(config, steps_per_epoch=5)
-    target = jax.jit(functools.partial(train.init_state, config, model, tx, 10))()
-    state = checkpoint.restore(manager, target, step)
-    manager.close()
-    return jax.device_get(state.params), int(state.step)
+def trainer_command(workdir, **overrides):
+    """``python -m bt_jax.train`` with the tiny config's values as --config.KEY flags."""
+    args = [sys.executable, "-m", "bt_jax.train", f"--workdir={workdir}"]
+    defaults = config_lib.flat_items(config_lib.get_config())
+    for key, value in config_lib.flat_items(tiny_config(**overrides)).items():
+        if value != defaults[key]:
+            if isinstance(value, (tuple, list)):
+                value = ",".join(str(v) for v in value)
+            args.append(f"--config.{key}={value}")
+    return args
+
+
+def restore_state(workdir):
+    """(TrainState, step) of a run's latest checkpoint, on this process's devices."""
+    config = workdir_lib.read_config(workdir)
+    model = state_lib.build_model(config)
+    tx = state_lib.build_optimizer(config, steps_per_epoch=5)
+    target = jax.jit(functools.partial(state_lib.init_state, config, model, tx, 10),
+                     out_shardings=parallel.replicated(parallel.device_mesh()))()
+    manager = checkpoint.open_manager(workdir, keep=100)
+    try:
+        state, restored = checkpoint.restore(manager, target,
+                                             identity=config_lib.resume_identity(config))
+    finally:
+        manager.close()
+    return state, restored
+
+
+def restore_params(workdir):
+    state, step = restore_state(workdir)
+    return jax.device_get(state.params), int(step)
 
 
 def assert_bit_identical(a, b):
@@ -42,18 +70,16 @@ def assert_bit_identical(a, b):
         np.testing.assert_array_equal(x, y)
 
 
-def trainer_command(workdir, **overrides):
-    args = [sys.executable, "-m", "bt_jax.train", f"--workdir={workdir}"]
-    defaults = config_lib.get_config()
-    for key, value in tiny_config(**overrides).items():
-        if value != defaults[key]:
-            args.append(f"--config.{key}={value}")
-    return args
-
-
-def subprocess_env(device_count=8):
+def subprocess_env(device_count=8, **extra):
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={device_count}"
     env["JAX_PLATFORMS"] = "cpu"
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env.update(extra)
     return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

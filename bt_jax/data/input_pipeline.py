@@ -162,7 +162,6 @@ def _read_rows(split: Split, rows: Callable[[int], tuple[int, np.ndarray, np.nda
         epoch, indices, valid, images, labels = tf.numpy_function(
             numpy_read, [step], [tf.int64, tf.int64, tf.bool, image_dtype, tf.int32],
             stateful=False)
-        images.set_shape([batch] + image_shape)
         return (tf.fill([batch], tf.ensure_shape(epoch, [])), tf.ensure_shape(indices, [batch]),
                 tf.ensure_shape(images, [batch] + image_shape), tf.ensure_shape(labels, [batch]),
                 tf.ensure_shape(valid, [batch]))

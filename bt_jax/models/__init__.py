@@ -52,6 +52,20 @@ def create(name: str, **kw: Any) -> nn.Module:
     return BACKBONES[key](**kw)
 
 
+def create_model(name: str, *, projector: str, stem: str = "imagenet", width: int = 64,
+                 zero_init_residual: bool = True, dtype: Any = "float32",
+                 axis_name: str | None = None) -> BarlowTwinsModel:
+    """Backbone + projector from the fields of ``config.model``: ``create_model(**config.model)``.
+
+    ``axis_name`` makes every BatchNorm, the projector's included, a SyncBatchNorm over that
+    mapped axis (the official recipe); None keeps statistics per call.
+    """
+    backbone = create(name, stem=stem, width=width, zero_init_residual=zero_init_residual,
+                      dtype=dtype, axis_name=axis_name)
+    return BarlowTwinsModel(backbone, Projector(projector, dtype=canonical_dtype(dtype),
+                                                axis_name=axis_name))
+
+
 __all__ = [
     "BACKBONES",
     "STEMS",
@@ -66,5 +80,6 @@ __all__ = [
     "ResNet101",
     "ResNet152",
     "create",
+    "create_model",
     "parse_spec",
 ]

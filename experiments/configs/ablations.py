@@ -32,18 +32,18 @@ def get_config(arg: str = "lambd=0.0051"):
     if key not in SWEEPS:
         raise ValueError(f"Unknown ablation {key!r}; use one of {sorted(SWEEPS)} as KEY=VALUE.")
     if key == "lambd":
-        config.lambd = float(value)
+        config.loss.lambd = float(value)
     elif key == "projector":
         width = int(value)
-        config.projector = f"{width}-{width}-{width}"
+        config.model.projector = f"{width}-{width}-{width}"
     else:
         batch = int(value)
         if batch not in BEST_LEARNING_RATE:
             raise ValueError(f"No official learning rate for batch {batch}; use one of "
                              f"{sorted(BEST_LEARNING_RATE)}.")
         config.batch_size = batch
-        config.learning_rate_weights = BEST_LEARNING_RATE[batch]
-        config.learning_rate_biases = OLD_LOSS_SCALE * BEST_LEARNING_RATE[batch]
+        config.optim.learning_rate_weights = BEST_LEARNING_RATE[batch]
+        config.optim.learning_rate_biases = OLD_LOSS_SCALE * BEST_LEARNING_RATE[batch]
     return config
 
 

@@ -11,20 +11,13 @@ from bt_jax.config import get_config as base_config
 
 def get_config():
     config = base_config()
-    config.dataset = "cifar10"
-    config.image_size = 32
-    config.eval_resize = 32
-    config.min_crop_scale = 0.08
-    config.batch_size = 256
+    config.data.dataset = "cifar10"
+    config.data.image_size = 32
+    config.data.eval_resize = 32
     config.num_epochs = 1000
-    config.warmup_epochs = 10
-    config.model = "resnet18"
-    config.stem = "cifar"
-    config.width = 64
-    config.projector = "2048-2048-2048"
-    config.lambd = 0.0051
-    config.checkpoint_every_steps = 195  # one epoch of 50,000 / 256
-    config.keep_checkpoints = 3
-    config.log_every_steps = 50
-    config.eval.linear_epochs = 100
+    config.model.width = 64
+    config.model.projector = "2048-2048-2048"
+    config.checkpoint.every_steps = 195  # one epoch of 50,000 / 256
+    config.checkpoint.keep = 3
+    config.logging.every_steps = 50
     return config

@@ -11,18 +11,16 @@ from bt_jax.config import get_config as base_config
 
 def get_config():
     config = base_config()
-    config.dataset = "idx"
-    config.data_dir = "/usr/share/datasets/fashion-mnist"
-    config.image_size = 28  # The native resolution: no upsampling cost.
-    config.eval_resize = 28
+    config.data.dataset = "idx"
+    config.data.data_dir = "/usr/share/datasets/fashion-mnist"
+    config.data.image_size = 28  # The native resolution: no upsampling cost.
+    config.data.eval_resize = 28
     # 8% of a 28 px image is an 8 px crop: too little of a garment to match its twin.
-    config.min_crop_scale = 0.2
-    config.batch_size = 256
+    config.data.min_crop_scale = 0.2
     config.num_epochs = 12
-    config.warmup_epochs = 1
-    config.width = 16
-    config.projector = "1024-1024-1024"
-    config.checkpoint_every_steps = 234  # One epoch of 60,000 / 256.
-    config.keep_checkpoints = 100  # Every epoch stays, for the accuracy-over-epochs curve.
-    config.log_every_steps = 20
+    config.optim.warmup_epochs = 1
+    config.model.projector = "1024-1024-1024"
+    config.checkpoint.every_steps = 234  # One epoch of 60,000 / 256.
+    config.checkpoint.keep = 100  # Every epoch stays, for the accuracy-over-epochs curve.
+    config.logging.every_steps = 20
     return config
