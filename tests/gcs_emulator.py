@@ -67,6 +67,11 @@ def emulator_env(url: str, proxy_url: str, ca_file: str) -> dict[str, str]:
         # set) ...
         "HTTPS_PROXY": proxy_url,
         "https_proxy": proxy_url,
+        # Never for local connections: gRPC honours the proxy variables too, and JAX's
+        # distributed client (tests that start several processes after this fixture, in the
+        # same pytest worker) would dial its coordinator through the proxy and wait forever.
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
         # ... and trusts the proxy's test-only CA (TF passes this to curl as its CA bundle).
         "CURL_CA_BUNDLE": ca_file,
     }

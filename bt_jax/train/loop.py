@@ -122,6 +122,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
 def _train_and_evaluate(config, workdir, interrupts: interrupts_lib.Interrupts) -> Any:
     run = check(config, workdir)
     config, workdir = run.config, run.workdir
+    # The lease first: a second run must not restore (or set aside) what a live run writes.
+    lease = workdir_lib.Lease(workdir)
+    if jax.process_index() == 0:
+        lease.acquire()
+        interrupts.on_exit.append(lease.release)
+    try:
+        return _train_holding_the_lease(run, interrupts)
+    finally:
+        if jax.process_index() == 0:
+            lease.release()
+
+
+def _train_holding_the_lease(run: Run, interrupts: interrupts_lib.Interrupts) -> Any:
+    config, workdir = run.config, run.workdir
     mesh = parallel.device_mesh()
     model = state_lib.build_model(config)
     tx = state_lib.build_optimizer(config, run.steps_per_epoch)
@@ -145,10 +159,6 @@ def _train_and_evaluate(config, workdir, interrupts: interrupts_lib.Interrupts) 
     if restored_step is not None:
         logging.info("Resumed from step %d of %s.", restored_step, workdir)
 
-    lease = workdir_lib.Lease(workdir)
-    if jax.process_index() == 0:
-        lease.acquire()
-        interrupts.on_exit.append(lease.release)
     logger = None
     try:
         workdir_lib.record_start(workdir, config, start_step)
@@ -174,8 +184,6 @@ def _train_and_evaluate(config, workdir, interrupts: interrupts_lib.Interrupts) 
         manager.close()
         if logger is not None:
             logger.close()
-        if jax.process_index() == 0:
-            lease.release()
     return state
 
 
