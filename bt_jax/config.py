@@ -28,7 +28,6 @@ from bt_jax import errors
 
 PARALLELISM = ("shard_map", "pmap")
 DTYPES = ("float32", "bfloat16", "float16")
-PHOTOMETRIC = ("host", "device")
 
 # Keys that must match between a workdir's run and a resumed one: they change the shapes of the
 # state or the meaning of a step. Dotted paths; a group name stands for every key in it.
@@ -168,7 +167,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from bt_jax import loss
     from bt_jax import models
     from bt_jax import optim
-    from bt_jax.data import augment
+    from bt_jax.data import views
 
     unknown = sorted(set(flat_items(config)) - set(flat_items(get_config())))
     if unknown:
@@ -209,12 +208,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"unknown backbone; known: {', '.join(models.BACKBONES)}.")
     require(values["model.stem"] in models.STEMS, "model.stem",
             f"must be one of {models.STEMS}.")
-    require(values["data.photometric"] in PHOTOMETRIC, "data.photometric",
-            f"must be one of {PHOTOMETRIC}.")
+    require(values["data.photometric"] in views.PHOTOMETRIC_MODES, "data.photometric",
+            f"must be one of {views.PHOTOMETRIC_MODES}.")
     require(_is_number(values["data.min_crop_scale"]) and 0 < values["data.min_crop_scale"] <= 1,
             "data.min_crop_scale", "must be in (0, 1].")
-    require(values["data.image_size"] >= augment.MIN_IMAGE_SIZE, "data.image_size",
-            f"must be at least {augment.MIN_IMAGE_SIZE} px (the blur kernel's reflect padding needs it); "
+    require(values["data.image_size"] >= views.MIN_IMAGE_SIZE, "data.image_size",
+            f"must be at least {views.MIN_IMAGE_SIZE} px (the blur kernel's reflect padding needs it); "
             "small images are upsampled by the crop's resize.")
     require(values["data.eval_resize"] >= values["data.image_size"], "data.eval_resize",
             f"must be >= data.image_size ({values['data.image_size']}): evaluation resizes the "

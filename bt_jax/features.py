@@ -32,11 +32,6 @@ def eval_batch_size(device_count: int, wanted: int = EVAL_BATCH_SIZE) -> int:
     return -(-wanted // device_count) * device_count
 
 
-def place_replicated(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    """Host values (the same on every process) or arrays -> replicated global arrays."""
-    return jax.device_put(tree, parallel.replicated(mesh))
-
-
 def map_split(fn: ExampleFn, variables: Any, source: data.Source, *, split: str,
               image_size: int, resize_size: int, mesh: jax.sharding.Mesh,
               batch_size: int = EVAL_BATCH_SIZE) -> tuple[np.ndarray, np.ndarray]:
@@ -46,7 +41,7 @@ def map_split(fn: ExampleFn, variables: Any, source: data.Source, *, split: str,
     Returns (outputs [N, ...], labels int32 [N]) as numpy, on every process, in dataset order.
     """
     batch_size = eval_batch_size(mesh.size, batch_size)
-    variables = place_replicated(variables, mesh)
+    variables = parallel.replicate(variables, mesh)
     forward = _compiled(fn, mesh)
     outputs, labels = [], []
     for local in data.eval_batches(source, split=split, batch_size=batch_size,

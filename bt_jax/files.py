@@ -22,6 +22,22 @@ class StorageError(errors.Error):
     """A path that cannot be used: unknown scheme, unreachable bucket, not writable."""
 
 
+def configure_object_storage_clients() -> None:
+    """Environment for the storage clients, set by the command lines before they load: every
+    process of a pod reads what the others wrote, so no client may answer from a stale cache.
+
+    TensorFlow's GCS client (epath's default backend, TensorBoard) caches each object's size for
+    5 s and would read another host's rewrite truncated to the old size; gcsfs (epath with
+    ``EPATH_USE_TF=false``) caches directory listings and would miss new objects.
+    """
+    os.environ.setdefault("GCS_STAT_CACHE_MAX_AGE", "0")
+    os.environ.setdefault("FSSPEC_GCS_USE_LISTINGS_CACHE", "false")
+
+
+# Also on import (a user's own setting wins): library users that never run a command line.
+configure_object_storage_clients()
+
+
 def is_remote(path: epath.PathLike) -> bool:
     """Whether ``path`` is on object storage (``gs://``, ``s3://``, ...), not a local disk."""
     return "://" in os.fspath(path)
@@ -69,17 +85,31 @@ def check_usable(path: epath.PathLike, *, what: str) -> epath.Path:
     """
     try:
         path = epath.Path(path)
+        if is_remote(path):
+            # The bucket first: a missing one is a clear error here, where a write into it
+            # could retry for minutes.
+            scheme, rest = os.fspath(path).split("://", 1)
+            bucket = epath.Path(f"{scheme}://{rest.split('/', 1)[0]}")
+            if not bucket.exists():
+                raise StorageError(
+                    f"{what} {os.fspath(path)!r}: the bucket {os.fspath(bucket)} does not exist "
+                    "or is not visible with these credentials. Create it, or check its name and "
+                    "the credentials (gcloud auth application-default login).")
         path.exists()
-    except (ImportError, ValueError, NotImplementedError) as error:
-        scheme = os.fspath(path).split("://", 1)[0]
-        raise StorageError(
-            f"{what} {os.fspath(path)!r}: no filesystem for '{scheme}://' is installed "
-            f"({error}). For gs:// install gcsfs (pip install gcsfs); for other schemes the "
-            "fsspec package that serves them.") from None
-    except OSError as error:
-        raise StorageError(f"{what} {os.fspath(path)!r} cannot be reached: "
-                           f"{error.strerror or error}. Check the bucket's name, your "
-                           "credentials and the network.") from None
+    except StorageError:
+        raise
+    except Exception as error:  # noqa: BLE001 - TensorFlow and fsspec raise their own types
+        scheme = os.fspath(path).split("://", 1)[0] if is_remote(path) else "file"
+        no_filesystem = (isinstance(error, (ImportError, NotImplementedError, KeyError))
+                         or "Unimplemented" in type(error).__name__)
+        if no_filesystem:
+            raise StorageError(
+                f"{what} {os.fspath(path)!r}: no filesystem for '{scheme}://' is installed. For "
+                "gs:// TensorFlow or gcsfs serves it; for other schemes install the fsspec "
+                "package that does (e.g. s3fs).") from None
+        reason = getattr(error, "strerror", None) or getattr(error, "message", None) or error
+        raise StorageError(f"{what} {os.fspath(path)!r} cannot be reached: {reason}. Check the "
+                           "bucket's name, your credentials and the network.") from None
     return path
 
 

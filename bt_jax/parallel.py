@@ -57,6 +57,36 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> di
             for key, value in local.items()}
 
 
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Host values that every process holds alike -> replicated global arrays.
+
+    Each process fills its own devices from its own copy: no collective (``jax.device_put``
+    would all-gather every value across processes to check they agree). Arrays already on the
+    mesh pass through.
+    """
+    return shard(tree, replicated(mesh))
+
+
+def split_rows(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Host arrays that every process holds alike -> global arrays split along their first axis
+    over the mesh (each device gets its rows; no collective)."""
+    return shard(tree, batch_sharded(mesh))
+
+
+def shard(tree: Any, sharding: NamedSharding) -> Any:
+    def place(x):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        if isinstance(x, jax.Array) and x.is_fully_addressable:
+            x = np.asarray(x)
+        if isinstance(x, jax.Array):
+            return jax.device_put(x, sharding)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(place, tree)
+
+
 def map_step(fn: StepFn, mesh: jax.sharding.Mesh, parallelism: str = "shard_map", *,
              donate: bool = True) -> StepFn:
     """``fn(state, batch, rng)`` per device -> a function of the global arrays.
@@ -122,19 +152,22 @@ def barrier(name: str) -> None:
 
 
 class CompiledOnce:
-    """A jitted function compiled ahead of its first call, then a :func:`barrier`, so that its
-    first execution (where cross-process collectives set up their groups) starts at the same
-    time on every process, however long each took to compile. Later calls reuse the compiled
-    executable; arguments must keep their shapes, dtypes and shardings."""
+    """A jitted function compiled ahead of its first call for each argument signature, then a
+    :func:`barrier`, so that its first execution (where cross-process collectives set up their
+    groups) starts at the same time on every process, however long each took to compile."""
 
     def __init__(self, jitted: Callable, name: str):
-        self._jitted, self._name, self._compiled = jitted, name, None
+        self._jitted, self._name, self._compiled = jitted, name, {}
 
     def __call__(self, *args):
-        if self._compiled is None:
-            self._compiled = self._jitted.lower(*args).compile()
+        leaves, treedef = jax.tree.flatten(args)
+        signature = (treedef, tuple((np.shape(x), getattr(x, "dtype", type(x)),
+                                     getattr(x, "sharding", None)) for x in leaves))
+        compiled = self._compiled.get(signature)
+        if compiled is None:
+            compiled = self._compiled[signature] = self._jitted.lower(*args).compile()
             barrier(f"compiled {self._name}")
-        return self._compiled(*args)
+        return compiled(*args)
 
 
 def to_host(tree: Any) -> Any:

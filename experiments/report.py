@@ -6,7 +6,7 @@ Writes into --out:
   loss.png         the loss and its two terms (invariance; lambd x redundancy) over training
   correlation.png  the leading block of C on one training batch, at initialisation and at the end
   accuracy.png     logistic-regression probe and kNN top-1 at every retained checkpoint, with
-                   the random-init baseline (epoch 0 is the random-init backbone itself)
+                   the random-features baselines as horizontal lines
   summary.json     the numbers behind the figures, wall time included
 The checkpoint evaluations come from bt_jax.evaluate.evaluate_checkpoints (eval_checkpoints.json
 in the workdir, reused when it is already there; --reevaluate recomputes it).
@@ -26,22 +26,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bt_jax import checkpoint  # noqa: E402
 from bt_jax import data  # noqa: E402
 from bt_jax import evaluate  # noqa: E402
-from bt_jax import loss as loss_lib  # noqa: E402
-from bt_jax import train  # noqa: E402
+from bt_jax import parallel  # noqa: E402
+from bt_jax import state as state_lib  # noqa: E402
+from bt_jax import step as step_lib  # noqa: E402
+from bt_jax.data import photometric  # noqa: E402
+from bt_jax.metric_logging import read_metrics  # noqa: E402
+from bt_jax.train import view_specs  # noqa: E402
 
 CORRELATION_DIMS = 64
-
-
-def read_metrics(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    # A resumed run appends; keep the last record of each step.
-    by_step = {}
-    for record in records:
-        by_step.setdefault(record["step"], {}).update(record)
-    return [by_step[step] for step in sorted(by_step)]
 
 
 def plot_loss(records: list[dict], lambd: float, steps_per_epoch: int, path: str) -> None:
@@ -62,16 +57,20 @@ def plot_loss(records: list[dict], lambd: float, steps_per_epoch: int, path: str
 
 
 def correlation_matrix(config, variables: dict, batch: dict) -> np.ndarray:
-    """The leading block of C for one batch, training-mode BatchNorm (as the loss sees it)."""
-    model = train.build_model(config, axis_name=None)
-
-    @jax.jit
-    def block(variables, view_a, view_b):
-        (_, z_a), _ = model.apply(variables, view_a, train=True, mutable=["batch_stats"])
-        (_, z_b), _ = model.apply(variables, view_b, train=True, mutable=["batch_stats"])
-        return loss_lib.cross_correlation(z_a[:, :CORRELATION_DIMS], z_b[:, :CORRELATION_DIMS])
-
-    return np.asarray(block(variables, batch["view_a"], batch["view_b"]))
+    """The leading block of C for one batch, training-mode BatchNorm (as the loss sees it): the
+    trainer's own per-epoch picture (bt_jax.step.correlation_block) on one device."""
+    mesh = parallel.device_mesh(jax.devices()[:1])
+    finish_views = functools.partial(photometric.finish_views, seed=config.seed,
+                                     views=view_specs(config.data),
+                                     photometric=config.data.photometric)
+    block = parallel.map_step(functools.partial(
+        step_lib.correlation_block, model=state_lib.build_model(config), size=CORRELATION_DIMS,
+        finish_views=finish_views), mesh, donate=False)
+    state = state_lib.TrainState(step=0, params=variables["params"],
+                                 batch_stats=variables["batch_stats"], opt_state=None,
+                                 probe_params={}, probe_opt_state=None)
+    _, matrix = block(state, parallel.global_batch(batch, mesh), jax.random.key(0))
+    return parallel.to_host(matrix)
 
 
 def plot_correlations(start: np.ndarray, end: np.ndarray, path: str) -> None:
@@ -88,13 +87,17 @@ def plot_correlations(start: np.ndarray, end: np.ndarray, path: str) -> None:
 
 def plot_accuracy(curve: list[dict], steps_per_epoch: int, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
+    styles = {"random_init": ":", "random_init_bn": "--", "random_fan_in_bn": "-."}
     for protocol, name, color in (("logreg", "linear probe (logreg)", "C0"),
                                   ("knn", "kNN (k=200)", "C1")):
-        epochs = [0] + [r["step"] / steps_per_epoch for r in curve]
-        baseline = curve[0]["results"][protocol]["random_init"]["top1"]
-        values = [baseline] + [r["results"][protocol]["pretrained"]["top1"] for r in curve]
+        epochs = [r["step"] / steps_per_epoch for r in curve]
+        values = [r["results"][protocol]["pretrained"]["top1"] for r in curve]
         ax.plot(epochs, np.array(values) * 100, "o-", color=color, label=name)
-        ax.axhline(baseline * 100, color=color, linestyle=":", label=f"{name}, random init")
+        for baseline, style in styles.items():
+            if baseline in curve[0]["results"][protocol]:
+                value = curve[0]["results"][protocol][baseline]["top1"]
+                ax.axhline(value * 100, color=color, linestyle=style,
+                           label=f"{name}, {baseline.replace('_', ' ')}")
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 (%)")
     ax.legend()
@@ -114,11 +117,11 @@ def main() -> None:
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     config = evaluate.load_run_config(args.workdir)
-    source = data.load_source(config.dataset, config.data_dir or None)
+    source = data.load_source(config.data.dataset, config.data.data_dir or None)
     steps_per_epoch = data.steps_per_epoch(source, config.batch_size)
 
     records = read_metrics(args.workdir)
-    plot_loss(records, config.lambd, steps_per_epoch, os.path.join(args.out, "loss.png"))
+    plot_loss(records, config.loss.lambd, steps_per_epoch, os.path.join(args.out, "loss.png"))
 
     curve_path = os.path.join(args.workdir, "eval_checkpoints.json")
     if args.reevaluate or not os.path.exists(curve_path):
@@ -129,36 +132,40 @@ def main() -> None:
     plot_accuracy(curve, steps_per_epoch, os.path.join(args.out, "accuracy.png"))
 
     batch = next(data.pretrain_batches(
-        source, global_batch=config.batch_size, image_size=config.image_size, seed=config.seed,
-        min_crop_scale=config.min_crop_scale, views=train.view_specs(config), process_index=0,
-        process_count=1, local_device_count=1))
-    batch = {key: value[0] for key, value in batch.items()}
-    model = train.build_model(config, axis_name=None)
-    initial = jax.jit(functools.partial(train.init_state, config, model,
-                                        train.optim.create_optimizer(config, steps_per_epoch)))()
-    start = correlation_matrix(config, {"params": initial.params,
-                                        "batch_stats": initial.batch_stats}, batch)
+        source, global_batch=config.batch_size, image_size=config.data.image_size,
+        seed=config.seed, min_crop_scale=config.data.min_crop_scale,
+        views=view_specs(config.data), photometric=config.data.photometric, process_index=0,
+        process_count=1))
+    model = state_lib.build_model(config, axis_name=None)
+    initial = jax.jit(functools.partial(state_lib.init_state, config, model,
+                                        state_lib.build_optimizer(config, steps_per_epoch)))()
+    start = correlation_matrix(config, state_lib.variables_of(initial, part=None), batch)
     last_step = curve[-1]["step"]
-    end = correlation_matrix(config, evaluate.restore_variables(args.workdir, last_step, None),
+    end = correlation_matrix(config, checkpoint.read_variables(args.workdir, last_step, None),
                              batch)
     plot_correlations(start, end, os.path.join(args.out, "correlation.png"))
 
     off_diagonal = ~np.eye(CORRELATION_DIMS, dtype=bool)
     final = curve[-1]["results"]
     summary = {
-        "workdir": args.workdir, "dataset": config.dataset, "model": config.model,
-        "width": config.width, "projector": config.projector, "batch_size": config.batch_size,
+        "workdir": args.workdir, "dataset": config.data.dataset, "model": config.model.name,
+        "width": config.model.width, "projector": config.model.projector,
+        "batch_size": config.batch_size,
         "epochs": last_step / steps_per_epoch, "steps": last_step,
         # From the config written at the start to the last checkpoint (includes any downtime
         # of a resumed run).
         "wall_seconds": round(os.path.getmtime(os.path.join(
             args.workdir, "checkpoints", str(last_step))) - os.path.getmtime(
-                os.path.join(args.workdir, "config.json"))),
+                os.path.join(args.workdir, "config_history"))),
         "linear_top1": final["logreg"]["pretrained"]["top1"],
         "linear_top1_random_init": final["logreg"]["random_init"]["top1"],
         "linear_top1_raw_pixels": final["logreg"].get("raw_pixels", {}).get("top1"),
+        **{f"linear_top1_{name}": final["logreg"][name]["top1"]
+           for name in ("random_init_bn", "random_fan_in_bn") if name in final["logreg"]},
         "knn_top1": final["knn"]["pretrained"]["top1"],
         "knn_top1_random_init": final["knn"]["random_init"]["top1"],
+        **{f"knn_top1_{name}": final["knn"][name]["top1"]
+           for name in ("random_init_bn", "random_fan_in_bn") if name in final["knn"]},
         "correlation_mean_abs_diagonal": {"start": float(np.abs(np.diag(start)).mean()),
                                           "end": float(np.abs(np.diag(end)).mean())},
         "correlation_mean_abs_off_diagonal": {

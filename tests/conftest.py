@@ -1,10 +1,12 @@
-"""Test set-up: 8 simulated CPU devices, set before jax is imported anywhere."""
+"""Test set-up: 8 simulated CPU devices, set before any JAX operation."""
 import os
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+import chex
+
+# chex rewrites XLA_FLAGS (replacing a device count already there, which appending would not)
+# and refuses if a backend already started; subprocess tests inherit the variable or set theirs.
+chex.set_n_cpu_devices(8)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same small programs, in this process and in the subprocesses they
@@ -24,3 +26,6 @@ except Exception:  # noqa: BLE001
     pass
 
 assert jax.device_count() == 8, "tests expect 8 simulated CPU devices; jax was imported before conftest"
+
+# A real GCS emulator for the tests that ask for it (started on first use, once per process).
+from gcs_emulator import gcs_dir, gcs_emulator  # noqa: E402,F401

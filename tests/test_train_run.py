@@ -3,6 +3,7 @@ exact resume, the config record, the CLI as a new user types it."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -152,3 +153,35 @@ def test_the_default_recipe_runs_end_to_end_with_no_flags(tmp_path):
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["data"]["dataset"] == "digits" and saved["model"]["name"] == "resnet18"
     assert "linear probe (logreg) top-1" in result.stdout
+    # stderr is not a terminal: progress is a periodic line per log step, not a live bar.
+    assert re.search(r"^step 2/2 \(epoch 0\.40\) loss [\d.]+ images/s [\d.]+ ETA \d+m\d+s$",
+                     result.stderr, re.MULTILINE), result.stderr[-2000:]
+    assert "\r" not in result.stderr
+
+
+def test_pretraining_on_unlabelled_images_with_a_separate_labelled_set(tmp_path):
+    """Own images without labels for pretraining; a labelled folder for the evaluation."""
+    from PIL import Image
+
+    from bt_jax import data
+
+    digits = data.load_source("digits")
+    images, labels = digits.split("train").images, digits.split("train").labels
+    unlabelled, labelled = tmp_path / "photos", tmp_path / "labelled"
+    for i in range(64):
+        unlabelled.mkdir(exist_ok=True)
+        Image.fromarray(images[i, :, :, 0]).save(unlabelled / f"{i}.png")
+        for split in ("train", "test"):
+            folder = labelled / split / f"class_{labels[i]}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i, :, :, 0]).save(folder / f"{i}.png")
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(tiny_config(
+        batch_size=32, max_steps=2, data__dataset="folder", data__data_dir=str(unlabelled),
+        data__image_size=8, data__eval_resize=8, eval__dataset="folder",
+        eval__data_dir=str(labelled)), workdir)
+    quick = json.load(open(os.path.join(workdir, "eval_quick.json")))
+    assert quick["dataset"] == "folder"
+    assert 0.0 <= quick["results"]["knn"]["pretrained"]["top1"] <= 1.0
+    records = metric_logging.read_metrics(workdir)
+    assert not any("probe_loss" in r for r in records)  # no labels to train the probe on

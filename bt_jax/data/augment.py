@@ -1,31 +1,28 @@
-"""The Barlow Twins two-view augmentations and the evaluation transform, as pure TF functions.
+"""The host half of the two views, as pure TF functions: decode, crop, flip, resize, and (with
+photometric="host") colour jitter, grayscale, blur and solarize; the evaluation transform.
 
 Every random decision is drawn with TF *stateless* ops from an explicit seed (shape [2]), so
 `augment_view(image, seed, ...)` is a pure function of its arguments: the same image and seed
 give the same bytes whatever thread, map parallelism or process runs it. `view_seed` derives that
-seed from (seed, epoch, example index, view).
-
-The recipe (official code, per view; blur and solarize probabilities from BYOL):
-
-| step                                                        | view A | view B |
-| ----------------------------------------------------------- | ------ | ------ |
-| RandomResizedCrop, scale (min_crop_scale, 1), ratio 3/4-4/3, bicubic | yes | yes |
-| horizontal flip                                             | 0.5    | 0.5    |
-| ColorJitter(brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1)   | p 0.8 | p 0.8 |
-| grayscale                                                   | p 0.2  | p 0.2  |
-| Gaussian blur, sigma ~ U(0.1, 2.0)                          | p 1.0  | p 0.1  |
-| solarize, threshold 128 of 255                              | p 0.0  | p 0.2  |
-| normalise with ImageNet mean/std                            | yes    | yes    |
+seed from (seed, epoch, example index, view). The recipe and its probabilities are in views.py;
+photometric.py is the device-side twin of the photometric ops here.
 
 Where the semantics differ from torchvision/PIL (the official code runs PIL transforms), and why:
-- Arithmetic is float32 in [0, 1] from the resize onwards; PIL rounds to uint8 after every
-  step. Rounding adds nothing but quantisation noise, and float is what the TF ops use.
+- Rounding to uint8: the crop, flip and resize end in integer values (rounded half to even,
+  like every view that leaves the host as uint8), and with photometric="host" the photometric
+  ops run in float32 on that uint8 scale, [0, 255], and the view is rounded once more at the
+  end. PIL rounds to uint8 after every step; two roundings add at most one level of
+  quantisation noise, and uint8 views are 4x fewer bytes to send to the accelerator than
+  float32. Normalisation happens on the device (photometric.normalize).
 - RandomResizedCrop follows torchvision's sampler exactly (10 attempts of area ~ U(scale),
   log-aspect ~ U(log ratio), round-half-even sides, first valid attempt, else a centre crop
   clamped to the ratio range). We do not use `tf.image.stateless_sample_distorted_bounding_box`
   because it draws the aspect ratio uniformly (not log-uniformly) and falls back to the whole
   image. The resize is `tf.image.resize(bicubic, antialias=True)`, TF's match of PIL's
-  antialiased bicubic (Keys a = -0.5 in TF, -0.5 in PIL; edge handling differs by < 1 level).
+  antialiased bicubic (Keys a = -0.5 in both; PIL also rounds its intermediate pass to uint8).
+  A JPEG is decoded once per example, only inside the union of its two views' crop windows
+  (`decode_and_crop_jpeg`); libjpeg's chroma upsampling at a window's edge may differ from a
+  full decode by a few levels.
 - ColorJitter applies its four operations in a random order, like torchvision (a stateless
   permutation per view). Brightness, contrast and saturation use torchvision's definitions
   (multiply; blend with the mean of the grayscale image; blend with the grayscale image), not
@@ -37,78 +34,60 @@ Where the semantics differ from torchvision/PIL (the official code runs PIL tran
   which approximates the Gaussian with repeated box filters; torchvision's `GaussianBlur`
   would need a kernel size, which the paper does not give.
 - Solarize inverts values >= 128/255 (PIL: `ImageOps.solarize(img, 128)`), in float.
-- Grayscale uses ITU-R 601-2 luma weights through `tf.image.rgb_to_grayscale`, as torchvision.
+- Grayscale uses ITU-R 601-2 luma weights (0.2989, 0.587, 0.114), as torchvision's tensor op.
 
 Evaluation: resize the short side to `resize_size` (bilinear, antialiased, like torchvision's
-`Resize` default), centre-crop `image_size` (torchvision's rounding), normalise.
+`Resize` default), centre-crop `image_size` (torchvision's rounding), round to uint8.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
+from collections.abc import Sequence
 
-import tensorflow as tf
+from bt_jax.data.tf_runtime import tf
+
+from bt_jax.data import views as views_lib
+from bt_jax.data.errors import DataError
+from bt_jax.data.views import ViewSpec
 
 # Pinned so that a seed means the same numbers on every platform (auto_select may differ by device).
 RNG_ALG = "philox"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-BLUR_SIGMA = (0.1, 2.0)
-# Kernel radius covering 3 sigma of the largest sigma: a fixed shape keeps the graph static.
-BLUR_RADIUS = int(math.ceil(3 * BLUR_SIGMA[1]))
-MIN_IMAGE_SIZE = BLUR_RADIUS + 2  # reflect padding needs a side longer than the radius
-
-
-@dataclasses.dataclass(frozen=True)
-class ViewSpec:
-    """Probabilities and strengths of one view's augmentations (defaults: the official recipe)."""
-
-    flip_prob: float = 0.5
-    jitter_prob: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale_prob: float = 0.2
-    blur_prob: float = 1.0
-    solarize_prob: float = 0.0
-
-
-VIEWS: dict[str, ViewSpec] = {
-    "a": ViewSpec(blur_prob=1.0, solarize_prob=0.0),
-    "b": ViewSpec(blur_prob=0.1, solarize_prob=0.2),
-}
-VIEW_IDS = {"a": 0, "b": 1}
-
-
-def _view(view: str | ViewSpec) -> ViewSpec:
-    if isinstance(view, ViewSpec):
-        return view
-    key = str(view).lower()
-    if key not in VIEWS:
-        raise ValueError(f"view must be one of {sorted(VIEWS)} (or a ViewSpec), got {view!r}")
-    return VIEWS[key]
 
 
 def view_seed(seed, epoch, index, view: str) -> tf.Tensor:
-    """The augmentation seed of one view of one example: int32 [2], a pure function of its inputs.
+    """The augmentation seed of one view of one example: int64 [2], a pure function of its inputs.
 
     seed, epoch, index: integer scalars (Python or tensors); view: "a" or "b".
     """
     key = tf.stack([tf.cast(seed, tf.int64), tf.constant(0, tf.int64)])
-    for data in (epoch, index, VIEW_IDS[str(view).lower()]):
+    for data in (epoch, index, views_lib.VIEW_IDS[str(view).lower()]):
         key = tf.random.experimental.stateless_fold_in(key, tf.cast(data, tf.int64), alg=RNG_ALG)
     return key
+
+
+def labelled_seed(seed, epoch, index) -> tf.Tensor:
+    """The crop + flip seed of an example of the labelled protocols: view A's, salted."""
+    return tf.random.experimental.stateless_fold_in(view_seed(seed, epoch, index, "a"),
+                                                    views_lib.LABELLED_SALT, alg=RNG_ALG)
 
 
 def _uniform(seed, shape=(), minval=0.0, maxval=1.0) -> tf.Tensor:
     return tf.random.stateless_uniform(shape, seed, minval=minval, maxval=maxval, alg=RNG_ALG)
 
 
-def random_resized_crop_window(seed, height, width, scale=(0.08, 1.0), ratio=CROP_RATIO,
-                               attempts: int = 10) -> tf.Tensor:
-    """torchvision's RandomResizedCrop.get_params: int32 [4] = (top, left, crop_height, crop_width)."""
+class _Draws:
+    """The sub-seeds and coins of one view, from its seed (the same split in both modes)."""
+
+    def __init__(self, seed):
+        s = tf.random.experimental.stateless_split(tf.convert_to_tensor(seed), num=7, alg=RNG_ALG)
+        self.crop, self.jitter, self.sigma = s[0], s[1], s[2]
+        # The apply/skip coins: flip, jitter, grayscale, blur, solarize.
+        self.coins = _uniform(s[6], (5,))
+
+
+def random_resized_crop_window(seed, height, width, scale=(0.08, 1.0),
+                               ratio=views_lib.CROP_RATIO, attempts: int = 10) -> tf.Tensor:
+    """torchvision's RandomResizedCrop.get_params: int32 [4] = (top, left, height, width)."""
     h = tf.cast(height, tf.float32)
     w = tf.cast(width, tf.float32)
     u = _uniform(seed, (4, attempts))
@@ -131,45 +110,105 @@ def random_resized_crop_window(seed, height, width, scale=(0.08, 1.0), ratio=CRO
     return tf.cast(tf.where(tf.reduce_any(valid), sampled, fallback), tf.int32)
 
 
-def _decode_and_crop(image: tf.Tensor, window_fn) -> tf.Tensor:
-    """uint8 [h, w, 3]: the crop window_fn(height, width) of a uint8 [H, W, C] image or encoded bytes.
+def _decode_windows(image: tf.Tensor, window_fn) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    """(pixels uint8 [h, w, C], windows int32 [4] relative to them) for windows = window_fn(H, W).
 
-    JPEG bytes are decoded with `decode_and_crop_jpeg`, which only decodes the window.
+    image: uint8 [H, W, C] or a scalar string of encoded bytes. A JPEG is decoded only inside
+    the union of the windows (`decode_and_crop_jpeg`); other formats are decoded whole.
     """
+    def union(windows):
+        top = tf.reduce_min(tf.stack([w[0] for w in windows]))
+        left = tf.reduce_min(tf.stack([w[1] for w in windows]))
+        bottom = tf.reduce_max(tf.stack([w[0] + w[2] for w in windows]))
+        right = tf.reduce_max(tf.stack([w[1] + w[3] for w in windows]))
+        return tf.stack([top, left, bottom - top, right - left])
+
     if image.dtype == tf.string:
         def jpeg():
             shape = tf.image.extract_jpeg_shape(image)
-            win = window_fn(shape[0], shape[1])
-            return tf.image.decode_and_crop_jpeg(image, win, channels=3)
+            windows = window_fn(shape[0], shape[1])
+            if not windows:
+                return [tf.image.decode_jpeg(image, channels=3)]
+            box = union(windows)
+            pixels = tf.image.decode_and_crop_jpeg(image, box, channels=3)
+            return [pixels] + [w - tf.stack([box[0], box[1], 0, 0]) for w in windows]
 
         def other():
-            decoded = tf.io.decode_image(image, channels=3, expand_animations=False)
-            shape = tf.shape(decoded)
-            win = window_fn(shape[0], shape[1])
-            return decoded[win[0]:win[0] + win[2], win[1]:win[1] + win[3]]
+            pixels = tf.io.decode_image(image, channels=3, expand_animations=False)
+            shape = tf.shape(pixels)
+            return [pixels] + list(window_fn(shape[0], shape[1]))
 
-        crop = tf.cond(tf.io.is_jpeg(image), jpeg, other)
-        return tf.ensure_shape(crop, [None, None, 3])
+        pixels, *windows = tf.cond(tf.io.is_jpeg(image), jpeg, other)
+        return tf.ensure_shape(pixels, [None, None, 3]), windows
     shape = tf.shape(image)
-    win = window_fn(shape[0], shape[1])
-    crop = image[win[0]:win[0] + win[2], win[1]:win[1] + win[3]]
-    if image.shape[-1] == 1:
-        crop = tf.image.grayscale_to_rgb(crop)
-    return crop
+    return image, list(window_fn(shape[0], shape[1]))
 
 
 def decode_image(image: tf.Tensor) -> tf.Tensor:
     """uint8 [H, W, 3] from a uint8 [H, W, 1 or 3] image or encoded bytes (JPEG, PNG, GIF, BMP)."""
-    return _decode_and_crop(image, lambda h, w: tf.stack([0, 0, h, w]))
+    pixels, _ = _decode_windows(image, lambda h, w: [])
+    return tf.image.grayscale_to_rgb(pixels) if pixels.shape[-1] == 1 else pixels
 
 
-def _blend(a: tf.Tensor, b: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+def _crop_resize_flip(pixels: tf.Tensor, window: tf.Tensor, flip: tf.Tensor,
+                      image_size: int) -> tf.Tensor:
+    """float32 [image_size, image_size, C]: the resized crop, flipped or not, rounded to integers
+    in [0, 255] (the uint8 values, kept as floats for the photometric ops)."""
+    crop = pixels[window[0]:window[0] + window[2], window[1]:window[1] + window[3]]
+    # uint8 in: ScaleAndTranslate converts once, inside the op.
+    x = tf.image.resize(crop, [image_size, image_size], method="bicubic", antialias=True)
+    x = tf.round(tf.clip_by_value(x, 0.0, 255.0))
+    # A select, not a cond: at 32 px a cond's function call costs more than the reverse.
+    return tf.where(flip, tf.reverse(x, axis=[1]), x)
+
+
+def _to_rgb_uint8(x: tf.Tensor) -> tf.Tensor:
+    """Integer-valued float [H, W, 1 or 3] in [0, 255] -> uint8 [H, W, 3]."""
+    x = tf.cast(x, tf.uint8)
+    return tf.image.grayscale_to_rgb(x) if x.shape[-1] == 1 else x
+
+
+# --------------------------------------------------------------------------- photometric ops
+# x: float32 [H, W, 3] on the uint8 scale, [0, 255] (white = WHITE): the pipeline keeps the
+# rounded resize as floats, so no scaling pass is spent on either side. Formulations with few
+# passes over the image: each pass is what costs on a CPU core at 224 px.
+WHITE = 255.0
+
+
+def grayscale(x: tf.Tensor) -> tf.Tensor:
+    """Luma float32 [H, W, 1]."""
+    w = views_lib.GRAY_WEIGHTS
+    return (x[..., 0:1] * w[0] + x[..., 1:2] * w[1]) + x[..., 2:3] * w[2]
+
+
+def adjust_brightness(x: tf.Tensor, factor) -> tf.Tensor:
+    """torchvision: multiply, clamp (x >= 0 and factor > 0: only the top can clip)."""
+    return tf.minimum(x * factor, WHITE)
+
+
+def _blend(a: tf.Tensor, b: tf.Tensor, factor) -> tf.Tensor:
     # torchvision's _blend: factor * a + (1 - factor) * b, clamped.
-    return tf.clip_by_value(factor * a + (1.0 - factor) * b, 0.0, 1.0)
+    return tf.clip_by_value(factor * a + (1.0 - factor) * b, 0.0, WHITE)
+
+
+def adjust_contrast(x: tf.Tensor, factor) -> tf.Tensor:
+    """torchvision: blend with the mean of the grayscale image."""
+    return _blend(x, tf.reduce_mean(grayscale(x)), factor)
+
+
+def adjust_saturation(x: tf.Tensor, factor) -> tf.Tensor:
+    """torchvision: blend with the grayscale image."""
+    return _blend(x, grayscale(x), factor)
+
+
+def adjust_hue(x: tf.Tensor, delta) -> tf.Tensor:
+    """Hue rotation by delta turns (TF's AdjustHue kernel: independent of the scale, and its
+    output stays within each pixel's channel range, so it needs no clamp)."""
+    return tf.image.adjust_hue(x, delta)
 
 
 def color_jitter(x: tf.Tensor, seed, spec: ViewSpec) -> tf.Tensor:
-    """torchvision ColorJitter on float [H, W, 3] in [0, 1]: four operations in a random order."""
+    """torchvision ColorJitter on float [H, W, 3]: four operations in a random order."""
     s = tf.random.experimental.stateless_split(seed, num=2, alg=RNG_ALG)
     u = _uniform(s[0], (4,))
     brightness = 1.0 - spec.brightness + 2.0 * spec.brightness * u[0]
@@ -179,10 +218,10 @@ def color_jitter(x: tf.Tensor, seed, spec: ViewSpec) -> tf.Tensor:
     order = tf.argsort(_uniform(s[1], (4,)))  # a uniform random permutation, as torch.randperm(4)
 
     ops = [
-        lambda y: tf.clip_by_value(y * brightness, 0.0, 1.0),
-        lambda y: _blend(y, tf.reduce_mean(tf.image.rgb_to_grayscale(y)), contrast),
-        lambda y: _blend(y, tf.image.rgb_to_grayscale(y), saturation),
-        lambda y: tf.clip_by_value(tf.image.adjust_hue(y, hue), 0.0, 1.0),
+        lambda y: adjust_brightness(y, brightness),
+        lambda y: adjust_contrast(y, contrast),
+        lambda y: adjust_saturation(y, saturation),
+        lambda y: adjust_hue(y, hue),
     ]
     # A loop (not four unrolled switches) traces each operation once: 4x less graph to build.
     def body(k, y):
@@ -192,9 +231,15 @@ def color_jitter(x: tf.Tensor, seed, spec: ViewSpec) -> tf.Tensor:
     return tf.while_loop(lambda k, _: k < 4, body, (tf.constant(0), x))[1]
 
 
+def to_grayscale(x: tf.Tensor) -> tf.Tensor:
+    """The grayscale view: luma in all three channels."""
+    return tf.tile(grayscale(x), [1, 1, 3])
+
+
 def gaussian_blur(x: tf.Tensor, sigma) -> tf.Tensor:
-    """Separable Gaussian blur of float [H, W, 3], fixed (2 * BLUR_RADIUS + 1)-tap kernel, reflect padding."""
-    r = BLUR_RADIUS
+    """Separable Gaussian blur of float [H, W, 3]: fixed (2 * BLUR_RADIUS + 1)-tap kernel,
+    reflect padding."""
+    r = views_lib.BLUR_RADIUS
     t = tf.range(-r, r + 1, dtype=tf.float32)
     k = tf.exp(-(t * t) / (2.0 * sigma * sigma))
     k = k / tf.reduce_sum(k)
@@ -206,66 +251,83 @@ def gaussian_blur(x: tf.Tensor, sigma) -> tf.Tensor:
     return y[0]
 
 
-def solarize(x: tf.Tensor, threshold: float = 128.0 / 255.0) -> tf.Tensor:
-    """PIL's ImageOps.solarize(img, 128) on float [0, 1]: invert values >= threshold."""
-    return tf.where(x >= threshold, 1.0 - x, x)
+def solarize(x: tf.Tensor) -> tf.Tensor:
+    """PIL's ImageOps.solarize(img, 128): invert values >= 128 (of 255).
+
+    |x - 255| is exactly 255 - x, and this is several times faster than tf.where on a CPU core.
+    """
+    return tf.abs(x - WHITE * tf.cast(x >= views_lib.SOLARIZE_THRESHOLD * WHITE, x.dtype))
 
 
-def normalize(x: tf.Tensor) -> tf.Tensor:
-    """float [..., 3] in [0, 1] -> ImageNet-normalised float32."""
-    return (x - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
-
-
-def _maybe(u: tf.Tensor, prob: float, fn, x: tf.Tensor) -> tf.Tensor:
+def _maybe(coin: tf.Tensor, prob: float, fn, x: tf.Tensor) -> tf.Tensor:
     if prob <= 0.0:
         return x  # static: no graph for steps that never run (view A's solarize)
     if prob >= 1.0:
         return fn(x)
-    return tf.cond(u < prob, lambda: fn(x), lambda: x)
+    return tf.cond(coin < prob, lambda: fn(x), lambda: x)
+
+
+def photometric_view(x: tf.Tensor, draws: _Draws, spec: ViewSpec) -> tf.Tensor:
+    """Integer-valued float [H, W, 3] in [0, 255] -> jitter, grayscale, blur, solarize in float,
+    rounded once: float [H, W, 3], integer-valued in [0, 255]."""
+    x = _maybe(draws.coins[1], spec.jitter_prob, lambda y: color_jitter(y, draws.jitter, spec), x)
+    x = _maybe(draws.coins[2], spec.grayscale_prob, to_grayscale, x)
+    sigma = _uniform(draws.sigma, (), views_lib.BLUR_SIGMA[0], views_lib.BLUR_SIGMA[1])
+    x = _maybe(draws.coins[3], spec.blur_prob, lambda y: gaussian_blur(y, sigma), x)
+    x = _maybe(draws.coins[4], spec.solarize_prob, solarize, x)
+    # Every op keeps [0, 255] (clamps, convex blur, hue within each pixel's range): no clamp.
+    return tf.round(x)
+
+
+# --------------------------------------------------------------------------- views
+
+
+def augment_views(image: tf.Tensor, seeds: Sequence, specs: Sequence[str | ViewSpec], *,
+                  image_size: int, min_crop_scale: float = 0.08,
+                  photometric: str = "host") -> list[tf.Tensor]:
+    """Views of one image, decoded once: uint8 [image_size, image_size, 3] each.
+
+    image: uint8 [H, W, C] with C in {1, 3}, or a scalar string of encoded image bytes.
+    seeds: one int [2] per view (see `view_seed`); specs: "a", "b" or ViewSpecs.
+    photometric="host": the whole recipe; "device": crop, flip and resize only (the rest is
+    photometric.finish_views, on the device).
+    """
+    specs = [views_lib.view_spec(s) for s in specs]
+    views_lib.check_photometric(photometric)
+    views_lib.check_image_args(image_size, min_crop_scale)
+    draws = [_Draws(s) for s in seeds]
+    scale = (min_crop_scale, 1.0)
+    pixels, windows = _decode_windows(image, lambda h, w: [
+        random_resized_crop_window(d.crop, h, w, scale=scale) for d in draws])
+    out = []
+    for d, spec, window in zip(draws, specs, windows):
+        x = _crop_resize_flip(pixels, window, d.coins[0] < spec.flip_prob, image_size)
+        if photometric == "host":
+            if x.shape[-1] == 1:
+                x = tf.tile(x, [1, 1, 3])
+            x = photometric_view(x, d, spec)
+        out.append(tf.ensure_shape(_to_rgb_uint8(x), [image_size, image_size, 3]))
+    return out
 
 
 def augment_view(image: tf.Tensor, seed, *, view: str | ViewSpec, image_size: int,
-                 min_crop_scale: float = 0.08, normalise: bool = True) -> tf.Tensor:
-    """One Barlow Twins view: float32 [image_size, image_size, 3], ImageNet-normalised.
-
-    image: uint8 [H, W, C] with C in {1, 3}, or a scalar string of encoded image bytes.
-    seed: int [2] (see `view_seed`); view: "a", "b" or a ViewSpec.
-    normalise=False returns the view in [0, 1] (for pictures and tests).
-    """
-    spec = _view(view)
-    if image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE} (blur radius), got {image_size}")
-    if not 0.0 < min_crop_scale <= 1.0:
-        raise ValueError(f"min_crop_scale must be in (0, 1], got {min_crop_scale}")
-    s = tf.random.experimental.stateless_split(tf.convert_to_tensor(seed), num=7, alg=RNG_ALG)
-    u = _uniform(s[6], (5,))  # the apply/skip coins: flip, jitter, grayscale, blur, solarize
-
-    crop = _decode_and_crop(
-        image, lambda h, w: random_resized_crop_window(s[0], h, w, scale=(min_crop_scale, 1.0)))
-    x = tf.image.resize(tf.cast(crop, tf.float32), [image_size, image_size], method="bicubic",
-                        antialias=True)
-    x = tf.clip_by_value(x / 255.0, 0.0, 1.0)  # bicubic overshoots; PIL clamps to 0..255
-    x = _maybe(u[0], spec.flip_prob, tf.image.flip_left_right, x)
-    x = _maybe(u[1], spec.jitter_prob, lambda y: color_jitter(y, s[1], spec), x)
-    x = _maybe(u[2], spec.grayscale_prob, lambda y: tf.tile(tf.image.rgb_to_grayscale(y), [1, 1, 3]), x)
-    sigma = _uniform(s[2], (), BLUR_SIGMA[0], BLUR_SIGMA[1])
-    x = _maybe(u[3], spec.blur_prob, lambda y: gaussian_blur(y, sigma), x)
-    x = _maybe(u[4], spec.solarize_prob, solarize, x)
-    x = tf.ensure_shape(x, [image_size, image_size, 3])
-    return normalize(x) if normalise else x
+                 min_crop_scale: float = 0.08, photometric: str = "host") -> tf.Tensor:
+    """One view: uint8 [image_size, image_size, 3] (see augment_views)."""
+    return augment_views(image, [seed], [view], image_size=image_size,
+                         min_crop_scale=min_crop_scale, photometric=photometric)[0]
 
 
-def eval_transform(image: tf.Tensor, *, image_size: int, resize_size: int | None = None,
-                   normalise: bool = True) -> tf.Tensor:
-    """Deterministic evaluation view: float32 [image_size, image_size, 3].
+def eval_transform(image: tf.Tensor, *, image_size: int,
+                   resize_size: int | None = None) -> tf.Tensor:
+    """Deterministic evaluation view: uint8 [image_size, image_size, 3].
 
     Resize the short side to resize_size (default image_size; ImageNet protocol: 256 for 224),
-    centre-crop image_size, normalise. image: uint8 [H, W, C] or encoded bytes.
+    centre-crop image_size. image: uint8 [H, W, C] or encoded bytes.
     """
     resize_size = image_size if resize_size is None else int(resize_size)
     if resize_size < image_size:
-        raise ValueError(f"resize_size ({resize_size}) must be >= image_size ({image_size})")
-    x = tf.cast(decode_image(image), tf.float32)
+        raise DataError(f"resize_size ({resize_size}) must be >= image_size ({image_size})")
+    x, _ = _decode_windows(image, lambda h, w: [])  # 1 or 3 channels
     shape = tf.cast(tf.shape(x)[:2], tf.float32)
     short = tf.minimum(shape[0], shape[1])
     # torchvision Resize(int): the short side becomes resize_size, the long side is truncated.
@@ -274,6 +336,5 @@ def eval_transform(image: tf.Tensor, *, image_size: int, resize_size: int | None
     x = tf.image.resize(x, new, method="bilinear", antialias=True)
     top = tf.cast(tf.round(tf.cast(new[0] - image_size, tf.float32) / 2.0), tf.int32)
     left = tf.cast(tf.round(tf.cast(new[1] - image_size, tf.float32) / 2.0), tf.int32)
-    x = x[top:top + image_size, left:left + image_size]
-    x = tf.ensure_shape(tf.clip_by_value(x / 255.0, 0.0, 1.0), [image_size, image_size, 3])
-    return normalize(x) if normalise else x
+    x = tf.round(tf.clip_by_value(x[top:top + image_size, left:left + image_size], 0.0, 255.0))
+    return tf.ensure_shape(_to_rgb_uint8(x), [image_size, image_size, 3])

@@ -1,42 +1,48 @@
-"""Save a grid of original / view A / view B triples: what pretraining will see, before spending compute.
+"""Save a grid of original / view A / view B triples: what pretraining will see, before training.
 
     python -m bt_jax.data.preview --dataset digits --out views.png
-    python -m bt_jax.data.preview --dataset folder --data_dir ~/photos --image_size 224 --out views.png
+    python -m bt_jax.data.preview --dataset folder --data_dir ~/photos --image_size 224
 
 The views are exactly those of epoch --epoch of training with --seed (same per-example seeds as
-`pretrain_batches`), for the first --num examples of the pretraining split.
+`pretrain_batches` with photometric="host"), for the first --num examples of the pretraining
+split. Errors are one `error:` line (--verbose for the traceback).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
+
+from bt_jax.data import views
+from bt_jax.data.errors import DataError
 
 
 def preview_triples(source, *, num: int, image_size: int, seed: int = 0, epoch: int = 0,
                     min_crop_scale: float = 0.08) -> np.ndarray:
-    """float32 [num, 3, image_size, image_size, 3] in [0, 1]: (original, view A, view B) per example."""
-    import tensorflow as tf
-
+    """uint8 [num, 3, image_size, image_size, 3]: (original, view A, view B) per example."""
     from bt_jax.data import augment
+    from bt_jax.data.tf_runtime import tf
 
     split = source.split("pretrain")
     num = min(num, split.num_examples)
-    images, _ = split.reader()(tf.range(num, dtype=tf.int64))
+    images, _ = split.fetch(np.arange(num))
     rows = []
     for i in range(num):
-        original = augment.eval_transform(images[i], image_size=image_size, normalise=False)
-        views = [augment.augment_view(images[i], augment.view_seed(seed, epoch, i, v), view=v,
-                                      image_size=image_size, min_crop_scale=min_crop_scale,
-                                      normalise=False) for v in ("a", "b")]
-        rows.append(np.stack([original.numpy()] + [v.numpy() for v in views]))
+        image = tf.constant(images[i])
+        original = augment.eval_transform(image, image_size=image_size)
+        two = augment.augment_views(
+            image, [augment.view_seed(seed, epoch, i, v) for v in ("a", "b")], ["a", "b"],
+            image_size=image_size, min_crop_scale=min_crop_scale)
+        rows.append(np.stack([original.numpy()] + [v.numpy() for v in two]))
     return np.stack(rows)
 
 
-def save_grid(triples: np.ndarray, path: str, title: str = "") -> None:
-    """Writes triples [N, 3, H, W, 3] as an N-row, 3-column picture."""
+def save_grid(triples: np.ndarray, path: epath.PathLike, title: str = "") -> None:
+    """Writes uint8 triples [N, 3, H, W, 3] as an N-row, 3-column PNG picture."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,7 +53,7 @@ def save_grid(triples: np.ndarray, path: str, title: str = "") -> None:
     for r in range(n):
         for c, name in enumerate(("original", "view A", "view B")):
             ax = axes[r, c]
-            ax.imshow(np.clip(triples[r, c], 0.0, 1.0), interpolation="nearest")
+            ax.imshow(triples[r, c], interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -55,27 +61,30 @@ def save_grid(triples: np.ndarray, path: str, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=100, format="png")
     plt.close(fig)
+    epath.Path(path).write_bytes(buffer.getvalue())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="digits", help="digits, idx, folder or a tfds name")
     parser.add_argument("--data_dir", "--data-dir", default=None,
-                        help="IDX folder, image folder or tfds data_dir")
+                        help="IDX folder, image folder or tfds data_dir (local or gs://)")
     parser.add_argument("--out", default="views.png", help="output picture (PNG)")
     parser.add_argument("--num", type=int, default=8, help="examples (rows)")
     parser.add_argument("--image_size", "--image-size", type=int, default=32)
     parser.add_argument("--min_crop_scale", "--min-crop-scale", type=float, default=0.08)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epoch", type=int, default=0)
+    parser.add_argument("--verbose", action="store_true", help="tracebacks for bug reports")
     args = parser.parse_args(argv)
+    if args.num <= 0:
+        raise DataError(f"--num must be positive, got {args.num}")
 
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
-    from bt_jax.data.sources import load_source
+    views.check_image_args(args.image_size, args.min_crop_scale)
+    from bt_jax.data.catalog import load_source
 
     source = load_source(args.dataset, args.data_dir)
     triples = preview_triples(source, num=args.num, image_size=args.image_size, seed=args.seed,
@@ -86,4 +95,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bt_jax import cli
+
+    cli.run(lambda: main(sys.argv[1:]))

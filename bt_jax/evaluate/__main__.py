@@ -23,6 +23,7 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from bt_jax import cli  # noqa: E402
+from bt_jax import files  # noqa: E402,F401 - configures the storage clients
 from bt_jax import config as config_lib  # noqa: E402
 
 FLAGS = flags.FLAGS

@@ -99,27 +99,28 @@ def recompute_batch_stats(context: Context, variables: Any,
         # Flax: running = momentum * running + (1 - momentum) * batch, momentum 0.9, from 0.
         return jax.tree.map(lambda x: x / 0.1, updates["batch_stats"])
 
-    params = jax.device_put(variables["params"], replicated)
-    zeros = jax.device_put(jax.tree.map(np.zeros_like, variables["batch_stats"]), replicated)
-    total, count = None, 0
-    for local in data.eval_batches(context.source, split="train",
-                                   batch_size=features.eval_batch_size(mesh.size),
+    params = parallel.replicate(variables["params"], mesh)
+    zeros = parallel.replicate(jax.tree.map(np.zeros_like, variables["batch_stats"]), mesh)
+    batch_size = features.eval_batch_size(mesh.size)
+    full_batches = min(num_batches, context.source.num_examples("train") // batch_size)
+    total = None
+    for count, local in enumerate(data.eval_batches(context.source, split="train",
+                                   batch_size=batch_size,
                                    image_size=context.config.data.image_size,
                                    resize_size=context.config.data.eval_resize,
                                    process_index=jax.process_index(),
-                                   process_count=jax.process_count()):
-        if count == num_batches:
+                                   process_count=jax.process_count())):
+        # Full batches only (a padded one would bias the statistics), decided from the sizes so
+        # that every process runs the same collectives.
+        if count == full_batches:
             break
-        if not np.all(local["mask"]):
-            continue  # the padded last batch would bias the statistics
         images = parallel.global_batch({"image": local["image"]}, mesh)["image"]
         stats = parallel.to_host(batch_statistics(params, zeros, images))
         total = stats if total is None else jax.tree.map(np.add, total, stats)
-        count += 1
-    if count == 0:
+    if total is None:
         return variables
     return {"params": variables["params"],
-            "batch_stats": jax.tree.map(lambda x: (x / count).astype(np.float32), total)}
+            "batch_stats": jax.tree.map(lambda x: (x / full_batches).astype(np.float32), total)}
 
 
 def baseline_variables(context: Context) -> dict[str, Callable[[], Any]]:

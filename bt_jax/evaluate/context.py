@@ -18,6 +18,7 @@ import numpy as np
 from bt_jax import data
 from bt_jax import errors
 from bt_jax import features
+from bt_jax import parallel
 
 Protocol = Callable[["Context", "Backbone"], dict]
 PROTOCOLS: dict[str, Protocol] = {}
@@ -82,7 +83,7 @@ class Context:
     def placed(self, backbone: Backbone) -> Any:
         """The backbone's variables replicated over the mesh (placed once)."""
         if backbone.placed is None:
-            backbone.placed = features.place_replicated(backbone.variables, self.mesh)
+            backbone.placed = parallel.replicate(backbone.variables, self.mesh)
         return backbone.placed
 
     def representations(self, backbone: Backbone, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -89,10 +89,10 @@ def finetune_subset(context: Context, backbone: Backbone, indices: np.ndarray) -
     tx, step = _trainer(context.module, head, float(settings.finetune_backbone_learning_rate),
                         float(settings.finetune_head_learning_rate), int(settings.finetune_epochs),
                         steps_per_epoch, context.mesh)
-    replicated = parallel.replicated(context.mesh)
-    params = jax.device_put({"backbone": backbone.variables["params"], "head": classifier.init_head(
-        head, context.module.num_features, context.config.seed)}, replicated)
-    batch_stats = jax.device_put(backbone.variables["batch_stats"], replicated)
+    params = parallel.replicate({"backbone": backbone.variables["params"], "head":
+                                 classifier.init_head(head, context.module.num_features,
+                                                      context.config.seed)}, context.mesh)
+    batch_stats = parallel.replicate(backbone.variables["batch_stats"], context.mesh)
     opt_state = tx.init(params)
     loss = None
     for batch in classifier.training_batches(context, indices, batch_size=batch_size,

@@ -56,13 +56,11 @@ def knn_scores(train_features: np.ndarray, train_labels: np.ndarray, test_featur
     padded_size = -(-num_test // (chunk_size * shards)) * chunk_size * shards
     padded = np.zeros((padded_size, test_features.shape[1]), np.float32)
     padded[:num_test] = test_features
-    arguments = (jnp.asarray(train_features, jnp.float32), jnp.asarray(train_labels, jnp.int32),
+    arguments = (np.asarray(train_features, np.float32), np.asarray(train_labels, np.int32),
                  padded, jnp.float32(temperature))
     if mesh is not None:
-        replicated, split = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-        arguments = (jax.device_put(arguments[0], replicated),
-                     jax.device_put(arguments[1], replicated),
-                     jax.device_put(padded, split), arguments[3])
+        arguments = (*parallel.replicate(arguments[:2], mesh), parallel.split_rows(padded, mesh),
+                     arguments[3])
     scores = _scores(*arguments, num_classes=int(num_classes), k=k, chunk_size=chunk_size)
     return np.asarray(parallel.gather_to_host(scores) if mesh is not None else scores)[:num_test]
 

@@ -66,9 +66,9 @@ def linear(context: Context, backbone: Backbone) -> dict:
                         float(settings.linear_weight_decay), int(settings.linear_epochs),
                         steps_per_epoch, context.mesh)
     placed = context.placed(backbone)
-    head_params = jax.device_put(
+    head_params = parallel.replicate(
         classifier.init_head(head, context.module.num_features, context.config.seed),
-        parallel.replicated(context.mesh))
+        context.mesh)
     opt_state = tx.init(head_params)
     losses = []
     for i, batch in enumerate(classifier.training_batches(

@@ -24,6 +24,7 @@ from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from bt_jax import cli  # noqa: E402
+from bt_jax import files  # noqa: E402,F401 - configures the storage clients
 
 FLAGS = flags.FLAGS
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "config.py")
