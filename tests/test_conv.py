@@ -5,13 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from convert_helpers import random_variables
 from jax import export
 from jax.sharding import PartitionSpec as P
 
-from bt_jax import convert
-from bt_jax import models
+from bt_jax import convert, models
 from bt_jax.models import conv as conv_lib
-from convert_helpers import random_variables
 
 # (kernel, stride) of every convolution in the ResNets: cifar stem and 3x3 convs (3, 1), the
 # strided 3x3 of stages 2-4 (3, 2), bottleneck 1x1 (1, 1), downsample (1, 2), imagenet stem
@@ -141,9 +140,9 @@ def test_torchvision_weights_load_and_train_alike_in_every_form():
 
         return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
 
-    want = loss_and_grads("xla")
-    for form in ("tap_matmul", "auto"):
-        assert_close(loss_and_grads(form), want)
+    # "auto" (the default, tap_matmul on the larger maps here) is what the model and train-step
+    # tests run; against "xla" here is the form it departs from, every conv in it.
+    assert_close(loss_and_grads("tap_matmul"), loss_and_grads("xla"))
 
 
 def test_unknown_form_is_refused():

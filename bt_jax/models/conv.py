@@ -20,7 +20,8 @@ image, where it measured faster.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -89,7 +90,9 @@ def kernel_grad_by_taps(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
     def tap(_, offset):
         # A loop over the taps, not kh * kw unrolled slices: XLA would cut every window (each
         # the size of x) before the first product.
-        window = lax.dynamic_slice(x_pad, (0, offset[0], offset[1], 0),
+        # Every start index of offset's dtype: a Python 0 is int64 when x64 is enabled.
+        zero = jnp.zeros((), offset.dtype)
+        window = lax.dynamic_slice(x_pad, (zero, offset[0], offset[1], zero),
                                    (batch, span[0], span[1], channels))
         window = window[:, ::stride, ::stride, :].reshape(chunks, rows, channels)
         product = lax.dot_general(g_t, window, (((2,), (1,)), ((0,), (0,))),

@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax

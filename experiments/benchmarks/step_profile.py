@@ -111,8 +111,9 @@ def profile(runner: train_step.Runner) -> tuple[float, collections.Counter, list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    jax_steps = [n for n in train_step.STEPS if n != "pytorch"]
     parser.add_argument("--steps", default="bt_jax,minimal",
-                        help=f"comma-separated, of {[n for n in train_step.STEPS if n != 'pytorch']}")
+                        help=f"comma-separated, of {jax_steps}")
     parser.add_argument("--setting", default="cifar32", choices=list(train_step.SETTINGS))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)

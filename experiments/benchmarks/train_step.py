@@ -44,7 +44,8 @@ import functools
 import statistics
 import sys
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,11 +54,10 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from bt_jax import loss as loss_lib
-from bt_jax import models
-from bt_jax import optim
-from bt_jax import parallel
-from bt_jax import probe
+from bt_jax import models, optim, parallel, probe
 from bt_jax import step as step_lib
+from bt_jax.data import photometric
+from bt_jax.data import views as views_lib
 from bt_jax.state import TrainState
 
 SETTINGS = {
@@ -71,8 +71,6 @@ LEARNING_RATE_WEIGHTS, LEARNING_RATE_BIASES = 0.2, 0.0048  # official, per 256 e
 TORCH_HINT = ("--against-pytorch needs PyTorch, which bt_jax does not depend on: run this with "
               "/work/bench-venv/bin/python (torch + torchvision, CPU), or pip install torch "
               "torchvision in a separate environment.")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # name: (kind, options)
 STEPS = {
@@ -87,13 +85,9 @@ STEPS = {
 }
 
 
-def finish_views(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """uint8 views -> normalised float32: ``bt_jax.data.photometric.finish_views`` with
-    photometric="host". Not imported from there: importing ``bt_jax.data`` loads TensorFlow.
-    tests/test_benchmarks.py checks the two agree."""
-    mean, std = jnp.asarray(IMAGENET_MEAN), jnp.asarray(IMAGENET_STD)
-    return {key: (jnp.asarray(batch[key], jnp.float32) / 255.0 - mean) / std
-            for key in ("view_a", "view_b")}
+# The trainer's own view finishing (photometric ops on the host: normalisation only);
+# bt_jax.data loads TensorFlow only for the input pipeline, not for this.
+finish_views = functools.partial(photometric.finish_views, seed=0, photometric="host")
 
 
 class Setup:
@@ -259,8 +253,8 @@ def torch_runner(setup: Setup) -> Runner:
 
     def normalized(key):
         x = torch.from_numpy(setup.data[key]).permute(0, 3, 1, 2).float().div_(255)
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        mean = torch.tensor(views_lib.IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(views_lib.IMAGENET_STD).view(1, 3, 1, 1)
         return (x - mean) / std
 
     network.train()
@@ -360,8 +354,10 @@ COLUMNS = ["step", "setting", "model", "batch", "dtype", "ms_per_step", "images_
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", default="cifar32", help=f"comma-separated, of {list(SETTINGS)}")
-    parser.add_argument("--batch", type=int, default=None, help="global batch (default per setting)")
+    parser.add_argument("--settings", default="cifar32",
+                        help=f"comma-separated, of {list(SETTINGS)}")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="global batch (default per setting)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--projector", default="8192-8192-8192")
@@ -371,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", default="bt_jax,minimal",
                         help=f"comma-separated, of {list(STEPS)}; the first is the ratios' base")
     parser.add_argument("--against-pytorch", action="store_true",
-                        help="add the official-style PyTorch step (needs torch: " + TORCH_HINT + ")")
+                        help=f"add the official-style PyTorch step (needs torch: {TORCH_HINT})")
     args = parser.parse_args(argv)
     names = args.steps.split(",")
     for name in names:
