@@ -8,16 +8,16 @@ every epoch, shows whether the representation is improving without a separate ev
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from jax import lax
 
-from bt_jax import features
+if TYPE_CHECKING:  # the step imports this module; it must run without ml_collections and TF
+    import ml_collections
 
 MOMENTUM = 0.9
 
@@ -92,6 +92,8 @@ def test_accuracy(backbone, state: Any, source, *, image_size: int, resize_size:
     variables = {"backbone": {"params": state.params["backbone"],
                               "batch_stats": state.batch_stats["backbone"]},
                  "probe": state.probe_params}
+    from bt_jax import features  # reads the test split: the input pipeline, TensorFlow
+
     predictions, labels = features.map_split(
         _Prediction(backbone.clone(axis_name=None)), variables, source, split="test",
         image_size=image_size, resize_size=resize_size, mesh=mesh)

@@ -7,18 +7,20 @@ baseline from the same :func:`init_state`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from bt_jax import models
 from bt_jax import optim
 from bt_jax import probe
 from bt_jax.parallel import AXIS
+
+if TYPE_CHECKING:  # the step imports TrainState; it must run where ml_collections is not installed
+    import ml_collections
 
 
 @flax.struct.dataclass

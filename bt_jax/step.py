@@ -39,22 +39,32 @@ def check_batch(batch: Mapping[str, jax.Array]) -> None:
             chex.assert_shape(batch[key], (per_device_batch,))
 
 
-def _embed_both_views(model, params, batch_stats, views, rng):
-    """(representation of A, z_a, z_b, new batch_stats): one model call per view, as the
-    official code, so each view's BatchNorm statistics are its own and the running averages are
-    updated twice per step."""
-    (representation_a, z_a), updates = model.apply(
-        {"params": params, "batch_stats": batch_stats}, views["view_a"], train=True,
-        mutable=["batch_stats"])
+def _embed_both_views(model, params, batch_stats, views, rng, views_in_one_call: bool):
+    """(representation of A, z_a, z_b, new batch_stats).
+
+    Each view's BatchNorm statistics are its own and the running averages are updated twice per
+    step, view A first, as the official code's two calls do: either with two calls, or with one
+    call on both views stacked (``views=2``), where every convolution sees twice the batch.
+    """
+    del rng  # The model has no stochastic layer; the key is kept for those that do.
+    variables = {"params": params, "batch_stats": batch_stats}
+    if views_in_one_call:
+        n = views["view_a"].shape[0]
+        both = jnp.concatenate([views["view_a"], views["view_b"]])
+        (representation, z), updates = model.apply(variables, both, train=True, views=2,
+                                                    mutable=["batch_stats"])
+        return representation[:n], z[:n], z[n:], updates["batch_stats"]
+    (representation_a, z_a), updates = model.apply(variables, views["view_a"], train=True,
+                                                   mutable=["batch_stats"])
     (_, z_b), updates = model.apply({"params": params, **updates}, views["view_b"], train=True,
                                     mutable=["batch_stats"])
-    del rng  # The model has no stochastic layer; the key is kept for those that do.
     return representation_a, z_a, z_b, updates["batch_stats"]
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *, model,
                tx: optax.GradientTransformation, probe_tx: optax.GradientTransformation,
                loss_options: Mapping, finish_views: FinishViews,
+               views_in_one_call: bool = True,
                axis_name: str = AXIS) -> tuple[TrainState, dict]:
     """One update, per device.
 
@@ -63,6 +73,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     them into normalised float32 views (and runs the photometric ops when they are on the device).
     rng: the step's key, folded with the device index for any stochastic layer.
     loss_options: ``config.loss`` (lambd, method).
+    views_in_one_call: both views through the model in one call (each still normalised with its
+    own BatchNorm statistics; faster on the CPU, ``experiments/benchmarks/train_step.py``) rather
+    than one call per view; the same values either way.
     Returns the new state and {"loss", "invariance", "redundancy"[, "probe_loss",
     "probe_train_accuracy"]}, the same on every device.
     """
@@ -72,7 +85,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
 
     def loss_fn(params):
         representation_a, z_a, z_b, batch_stats = _embed_both_views(
-            model, params, state.batch_stats, views, rng)
+            model, params, state.batch_stats, views, rng, views_in_one_call)
         chex.assert_rank([z_a, z_b], 2)  # embeddings leaving the model: [n, D]
         loss, terms = loss_lib.barlow_twins_loss(z_a, z_b, axis_name=axis_name,
                                                  return_terms=True, **loss_options)
@@ -98,6 +111,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
 
 def correlation_block(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                       model, size: int, finish_views: FinishViews,
+                      views_in_one_call: bool = True,
                       axis_name: str = AXIS) -> tuple[None, jax.Array]:
     """The leading [size, size] block of C on this batch (training-mode BatchNorm, nothing
     updated), for the picture of C approaching the identity; the same on every device.
@@ -106,7 +120,8 @@ def correlation_block(state: TrainState, batch: Mapping[str, jax.Array], rng: ja
     """
     del rng
     views = finish_views(batch)
-    _, z_a, z_b, _ = _embed_both_views(model, state.params, state.batch_stats, views, None)
+    _, z_a, z_b, _ = _embed_both_views(model, state.params, state.batch_stats, views, None,
+                                       views_in_one_call)
     size = min(size, z_a.shape[-1])
     block = loss_lib.cross_correlation(z_a[:, :size], z_b[:, :size], axis_name=axis_name)
     # Every device computed the same block; the pmean says so to shard_map (a [size, size]

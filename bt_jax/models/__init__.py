@@ -9,6 +9,9 @@ from typing import Any
 
 import flax.linen as nn
 
+from bt_jax.models.batch_norm import BatchNorm
+from bt_jax.models.conv import FORMS as CONV_FORMS
+from bt_jax.models.conv import Conv
 from bt_jax.models.projector import BarlowTwinsModel, Projector, parse_spec
 from bt_jax.models.resnet import (
     STEMS,
@@ -32,14 +35,15 @@ BACKBONES: dict[str, type[ResNet]] = {
 }
 
 # Fields a caller may set through `create`; the architecture itself comes from the name.
-_OPTIONS = ("stem", "width", "zero_init_residual", "dtype", "axis_name", "num_classes")
+_OPTIONS = ("stem", "width", "zero_init_residual", "dtype", "axis_name", "num_classes", "conv")
 
 
 def create(name: str, **kw: Any) -> nn.Module:
     """A backbone by name ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152").
 
     kw: stem ("imagenet" | "cifar"), width (64 standard), zero_init_residual, dtype (a jnp dtype
-    or its name, e.g. "bfloat16"), axis_name, num_classes (None: no head, pooled representation).
+    or its name, e.g. "bfloat16"), axis_name, num_classes (None: no head, pooled representation),
+    conv ("auto" | "xla" | "tap_matmul": how convolutions run, see ``bt_jax.models.conv``).
     """
     key = name.lower() if isinstance(name, str) else name
     if key not in BACKBONES:
@@ -54,14 +58,14 @@ def create(name: str, **kw: Any) -> nn.Module:
 
 def create_model(name: str, *, projector: str, stem: str = "imagenet", width: int = 64,
                  zero_init_residual: bool = True, dtype: Any = "float32",
-                 axis_name: str | None = None) -> BarlowTwinsModel:
+                 axis_name: str | None = None, conv: str = "auto") -> BarlowTwinsModel:
     """Backbone + projector from the fields of ``config.model``: ``create_model(**config.model)``.
 
     ``axis_name`` makes every BatchNorm, the projector's included, a SyncBatchNorm over that
     mapped axis (the official recipe); None keeps statistics per call.
     """
     backbone = create(name, stem=stem, width=width, zero_init_residual=zero_init_residual,
-                      dtype=dtype, axis_name=axis_name)
+                      dtype=dtype, axis_name=axis_name, conv=conv)
     return BarlowTwinsModel(backbone, Projector(projector, dtype=canonical_dtype(dtype),
                                                 axis_name=axis_name))
 
@@ -69,9 +73,12 @@ def create_model(name: str, *, projector: str, stem: str = "imagenet", width: in
 __all__ = [
     "BACKBONES",
     "STEMS",
+    "CONV_FORMS",
     "BarlowTwinsModel",
+    "BatchNorm",
     "BasicBlock",
     "Bottleneck",
+    "Conv",
     "Projector",
     "ResNet",
     "ResNet18",

@@ -50,14 +50,15 @@ class Projector(nn.Module):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
-        """x: [B, F] -> [B, D] float32, D the last size of the spec."""
+    def __call__(self, x: jnp.ndarray, train: bool = True, views: int = 1) -> jnp.ndarray:
+        """x: [B, F] -> [B, D] float32, D the last size of the spec; ``views`` as the backbone's
+        (each of the stacked views normalised with its own statistics)."""
         dtype = canonical_dtype(self.dtype)
         sizes = parse_spec(self.spec)
         x = x.astype(dtype)
         for i, size in enumerate(sizes[:-1]):
             x = TorchLinear(size, use_bias=False, dtype=dtype, name=f"linear{i}")(x)
-            x = nn.relu(batch_norm(train, self.axis_name, dtype, f"bn{i}")(x))
+            x = nn.relu(batch_norm(train, self.axis_name, dtype, f"bn{i}")(x, views))
         x = TorchLinear(sizes[-1], use_bias=False, dtype=dtype, name=f"linear{len(sizes) - 1}")(x)
         return x.astype(jnp.float32)
 
@@ -68,21 +69,31 @@ class BarlowTwinsModel(nn.Module):
     Variables: `backbone/...` (the backbone's own tree, e.g. `backbone/layer1_0/conv1/kernel`) and
     `projector/...`.
 
-    Call it once per view. BatchNorm normalises over whatever batch it is given: a batch that
-    concatenates both views would pool the two views' statistics, which departs from the paper (the
-    official code calls the network twice, so each view's batch is normalised on its own). With
-    mutable=["batch_stats"], thread the batch_stats updated by the first call into the second, as
-    PyTorch updates the running averages twice per step:
+    The official code calls the network once per view, so each view's batch is normalised on
+    its own. Either call it once per view, threading the batch_stats updated by the first call
+    into the second (PyTorch updates the running averages twice per step):
 
         (r1, z1), upd = model.apply({"params": p, "batch_stats": bs}, y1, mutable=["batch_stats"])
         (r2, z2), upd = model.apply({"params": p, **upd}, y2, mutable=["batch_stats"])
+
+    or once on both views stacked, ``views=2``: the same values, gradients and running averages
+    (each BatchNorm normalises each view over its own statistics and updates the averages view
+    A first), with every convolution over twice the batch:
+
+        (r, z), upd = model.apply({"params": p, "batch_stats": bs}, jnp.concatenate([y1, y2]),
+                                  views=2, mutable=["batch_stats"])
+
+    A plain call on stacked views (``views=1``) would pool the two views' statistics, which
+    departs from the paper.
     """
 
     backbone: nn.Module
     projector: nn.Module
 
-    def __call__(self, images: jnp.ndarray, train: bool = True) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """images: [B, H, W, 3] (one view) -> (representation [B, F] float32, embedding [B, D] float32)."""
-        representation = self.backbone(images, train=train)
-        embedding = self.projector(representation, train=train)
+    def __call__(self, images: jnp.ndarray, train: bool = True,
+                 views: int = 1) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """images: [B, H, W, 3] (``views`` views of B / views images, stacked) ->
+        (representation [B, F] float32, embedding [B, D] float32)."""
+        representation = self.backbone(images, train=train, views=views)
+        embedding = self.projector(representation, train=train, views=views)
         return representation, embedding

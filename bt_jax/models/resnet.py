@@ -16,7 +16,13 @@ Variable names follow torchvision with the numeric `Sequential` indices joined b
 BatchNorm matches PyTorch: eps 1e-5, running averages updated with PyTorch momentum 0.1
 (Flax momentum 0.9), normalisation by the biased batch variance. One difference: PyTorch stores the
 unbiased variance (times n / (n - 1)) in `running_var`, Flax the biased one; with n = B * H * W
-values per channel the difference is negligible.
+values per channel the difference is negligible. Calling a model with `views=2` on two views
+stacked along the batch axis normalises each view with its own statistics, as two calls would
+(`bt_jax.models.batch_norm`).
+
+Convolutions run in the form `conv` picks (`bt_jax.models.conv`): "auto" (default) computes
+kernel gradients by per-tap matrix products on the CPU, where XLA's own are slow, and uses XLA's
+convolution on accelerators; every form has the same parameters and values.
 """
 from __future__ import annotations
 
@@ -28,6 +34,9 @@ import math
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+
+from bt_jax.models import conv as conv_lib
+from bt_jax.models.batch_norm import BatchNorm
 
 STEMS = ("imagenet", "cifar")
 
@@ -75,9 +84,9 @@ def batch_norm(
     dtype: Any,
     name: str,
     zero_scale: bool = False,
-) -> nn.BatchNorm:
+) -> BatchNorm:
     """A PyTorch-equivalent BatchNorm; with `axis_name`, statistics over the whole named axis (SyncBN)."""
-    return nn.BatchNorm(
+    return BatchNorm(
         use_running_average=not train,
         momentum=0.9,  # = PyTorch momentum 0.1: running = 0.9 * running + 0.1 * batch
         epsilon=1e-5,
@@ -88,20 +97,15 @@ def batch_norm(
     )
 
 
-def conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
-    """A bias-free conv with torchvision's padding (kernel // 2, explicit, symmetric) and init."""
-    pad = kernel // 2
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        # Explicit symmetric padding: "SAME" pads asymmetrically for stride 2 and would differ from PyTorch.
-        padding=((pad, pad), (pad, pad)),
-        use_bias=False,
-        dtype=dtype,
-        kernel_init=conv_kernel_init,
-        name=name,
-    )
+def conv(features: int, kernel: int, stride: int, dtype: Any, name: str,
+         form: str = "auto") -> conv_lib.Conv:
+    """A bias-free conv with torchvision's padding (kernel // 2, explicit, symmetric) and init.
+
+    Explicit symmetric padding: "SAME" pads asymmetrically for stride 2 and would differ from
+    PyTorch.
+    """
+    return conv_lib.Conv(features, kernel, stride=stride, padding=kernel // 2, dtype=dtype,
+                         kernel_init=conv_kernel_init, form=form, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -115,17 +119,18 @@ class BasicBlock(nn.Module):
     zero_init_residual: bool = False
     dtype: Any = jnp.float32
     axis_name: str | None = None
+    conv: str = "auto"
 
     expansion = 1
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool = True, views: int = 1) -> jnp.ndarray:
         bn = functools.partial(batch_norm, train, self.axis_name, self.dtype)
-        out = conv(self.planes, 3, self.strides, self.dtype, "conv1")(x)
-        out = nn.relu(bn("bn1")(out))
-        out = conv(self.planes, 3, 1, self.dtype, "conv2")(out)
-        out = bn("bn2", zero_scale=self.zero_init_residual)(out)
-        return nn.relu(out + shortcut(self, x, train))
+        out = conv(self.planes, 3, self.strides, self.dtype, "conv1", self.conv)(x)
+        out = nn.relu(bn("bn1")(out, views))
+        out = conv(self.planes, 3, 1, self.dtype, "conv2", self.conv)(out)
+        out = bn("bn2", zero_scale=self.zero_init_residual)(out, views)
+        return nn.relu(out + shortcut(self, x, train, views))
 
 
 class Bottleneck(nn.Module):
@@ -139,22 +144,24 @@ class Bottleneck(nn.Module):
     zero_init_residual: bool = False
     dtype: Any = jnp.float32
     axis_name: str | None = None
+    conv: str = "auto"
 
     expansion = 4
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool = True, views: int = 1) -> jnp.ndarray:
         bn = functools.partial(batch_norm, train, self.axis_name, self.dtype)
-        out = conv(self.planes, 1, 1, self.dtype, "conv1")(x)
-        out = nn.relu(bn("bn1")(out))
-        out = conv(self.planes, 3, self.strides, self.dtype, "conv2")(out)
-        out = nn.relu(bn("bn2")(out))
-        out = conv(self.planes * 4, 1, 1, self.dtype, "conv3")(out)
-        out = bn("bn3", zero_scale=self.zero_init_residual)(out)
-        return nn.relu(out + shortcut(self, x, train))
+        out = conv(self.planes, 1, 1, self.dtype, "conv1", self.conv)(x)
+        out = nn.relu(bn("bn1")(out, views))
+        out = conv(self.planes, 3, self.strides, self.dtype, "conv2", self.conv)(out)
+        out = nn.relu(bn("bn2")(out, views))
+        out = conv(self.planes * 4, 1, 1, self.dtype, "conv3", self.conv)(out)
+        out = bn("bn3", zero_scale=self.zero_init_residual)(out, views)
+        return nn.relu(out + shortcut(self, x, train, views))
 
 
-def shortcut(block: BasicBlock | Bottleneck, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+def shortcut(block: BasicBlock | Bottleneck, x: jnp.ndarray, train: bool,
+             views: int = 1) -> jnp.ndarray:
     """Identity, or torchvision's `downsample` (1x1 conv with stride -> BN) when the shape changes.
 
     Called inside the block's compact `__call__`, so the submodules belong to the block.
@@ -162,8 +169,8 @@ def shortcut(block: BasicBlock | Bottleneck, x: jnp.ndarray, train: bool) -> jnp
     out_features = block.planes * block.expansion
     if block.strides == 1 and x.shape[-1] == out_features:
         return x
-    y = conv(out_features, 1, block.strides, block.dtype, "downsample_0")(x)
-    return batch_norm(train, block.axis_name, block.dtype, "downsample_1")(y)
+    y = conv(out_features, 1, block.strides, block.dtype, "downsample_0", block.conv)(x)
+    return batch_norm(train, block.axis_name, block.dtype, "downsample_1")(y, views)
 
 
 class ResNet(nn.Module):
@@ -182,6 +189,8 @@ class ResNet(nn.Module):
       axis_name: mapped axis (pmap / shard_map) over which BatchNorm statistics are averaged in
         training, the equivalent of SyncBatchNorm; None keeps them per device.
       num_classes: size of the linear head `fc`; None drops the head (Barlow Twins backbone).
+      conv: how convolutions run, "auto" | "xla" | "tap_matmul" (`bt_jax.models.conv`); the
+        same parameters and values whichever.
     """
 
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -192,12 +201,14 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     axis_name: str | None = None
     num_classes: int | None = None
+    conv: str = "auto"
 
     def __post_init__(self) -> None:
         if self.stem not in STEMS:
             raise ValueError(f"Unknown stem {self.stem!r}; expected one of {STEMS}.")
         if not isinstance(self.width, int) or self.width <= 0:
             raise ValueError(f"width must be a positive int (64 is the standard ResNet), got {self.width!r}.")
+        conv_lib.check_form(self.conv)
         super().__post_init__()
 
     @property
@@ -206,23 +217,25 @@ class ResNet(nn.Module):
         return 8 * self.width * self.block_cls.expansion
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool = True, views: int = 1) -> jnp.ndarray:
         """x: [B, H, W, 3] float (NHWC) -> [B, F] float32 representation, or [B, num_classes] logits.
 
         (float64 out only when dtype is float64.)
 
         train=True normalises with batch statistics and updates `batch_stats` (call `apply` with
-        mutable=["batch_stats"]); train=False uses the running averages.
+        mutable=["batch_stats"]); train=False uses the running averages. views: the batch is
+        that many views stacked along its first axis ([views * n, H, W, 3]), each normalised
+        with its own statistics in training (the running averages updated view after view).
         """
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"Expected images [B, H, W, 3] (NHWC), got shape {x.shape}.")
         dtype = canonical_dtype(self.dtype)
         x = x.astype(dtype)
         if self.stem == "imagenet":
-            x = conv(self.width, 7, 2, dtype, "conv1")(x)
+            x = conv(self.width, 7, 2, dtype, "conv1", self.conv)(x)
         else:
-            x = conv(self.width, 3, 1, dtype, "conv1")(x)
-        x = nn.relu(batch_norm(train, self.axis_name, dtype, "bn1")(x))
+            x = conv(self.width, 3, 1, dtype, "conv1", self.conv)(x)
+        x = nn.relu(batch_norm(train, self.axis_name, dtype, "bn1")(x, views))
         if self.stem == "imagenet":
             # nn.max_pool pads with -inf, as PyTorch's MaxPool2d(3, 2, padding=1) does.
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -234,8 +247,9 @@ class ResNet(nn.Module):
                     zero_init_residual=self.zero_init_residual,
                     dtype=dtype,
                     axis_name=self.axis_name,
+                    conv=self.conv,
                     name=f"layer{i + 1}_{j}",
-                )(x, train)
+                )(x, train, views)
         # Pool and return in (at least) float32: a bf16 mean over H * W values loses precision.
         out_dtype = jnp.promote_types(dtype, jnp.float32)
         x = jnp.mean(x.astype(out_dtype), axis=(1, 2))

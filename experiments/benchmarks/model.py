@@ -7,7 +7,9 @@
 Settings: "imagenet224" (224x224, imagenet stem, batch 16) and "cifar32" (32x32, cifar stem,
 batch 256), each with the official 8192-8192-8192 projector. One step is value-and-grad with
 respect to all parameters of one training-mode call on one view (BatchNorm batch statistics,
-running averages updated), on one device; a training step makes two such calls. The loss is a
+running averages updated), on one device; a training step makes two such calls (or one on both
+views stacked). --convs picks how convolutions run (``bt_jax.models.conv``; "auto": the
+model's default, per-tap matrix products for kernel gradients on the CPU). The loss is a
 stand-in (mean square of the embedding) so the model alone is measured; see loss.py for the
 Barlow Twins loss. Compilation is timed apart; the rate is the median over --steps timed steps.
 """
@@ -33,11 +35,11 @@ SETTINGS = {
 
 
 def measure(backbone: str, setting: str, dtype: str, batch: int, width: int, projector: str,
-            steps: int) -> tuple[float, float, float]:
+            steps: int, conv: str = "auto") -> tuple[float, float, float]:
     """(images per second, median ms per step, compile seconds)."""
     size, stem, _ = SETTINGS[setting]
     model = models.BarlowTwinsModel(
-        models.create(backbone, stem=stem, width=width, dtype=dtype),
+        models.create(backbone, stem=stem, width=width, dtype=dtype, conv=conv),
         models.Projector(projector, dtype=dtype),
     )
     images = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3)), jnp.float32)
@@ -72,7 +74,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="override the settings' batch sizes")
     parser.add_argument("--width", type=int, default=64, help="ResNet width (64 standard)")
     parser.add_argument("--projector", default="8192-8192-8192")
+    parser.add_argument("--convs", default="auto", help=f"comma-separated, of {models.CONV_FORMS}")
     args = parser.parse_args()
+    for c in args.convs.split(","):
+        if c not in models.CONV_FORMS:
+            parser.error(f"unknown conv form {c!r}; choose from {models.CONV_FORMS}")
     for s in args.settings.split(","):
         if s not in SETTINGS:
             parser.error(f"unknown setting {s!r}; choose from {list(SETTINGS)}")
@@ -82,16 +88,19 @@ def main() -> None:
     device = jax.devices()[0]
     print(f"# {device.platform}: {device.device_kind}, 1 of {jax.device_count()} device(s); forward + backward "
           f"of one view, projector {args.projector}, width {args.width}, median of {args.steps} steps")
-    header = ["backbone", "setting", "batch", "dtype", "images/s", "ms/step", "compile s"]
+    header = ["backbone", "setting", "conv", "batch", "dtype", "images/s", "ms/step", "compile s"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for backbone in args.backbones.split(","):
         for setting in args.settings.split(","):
             batch = args.batch or SETTINGS[setting][2]
             for dtype in args.dtypes.split(","):
-                rate, ms, compile_s = measure(backbone, setting, dtype, batch, args.width, args.projector, args.steps)
-                row = [backbone, setting, str(batch), dtype, f"{rate:.1f}", f"{ms:.0f}", f"{compile_s:.1f}"]
-                print("| " + " | ".join(row) + " |", flush=True)
+                for conv in args.convs.split(","):
+                    rate, ms, compile_s = measure(backbone, setting, dtype, batch, args.width,
+                                                  args.projector, args.steps, conv)
+                    row = [backbone, setting, conv, str(batch), dtype, f"{rate:.1f}", f"{ms:.0f}",
+                           f"{compile_s:.1f}"]
+                    print("| " + " | ".join(row) + " |", flush=True)
 
 
 if __name__ == "__main__":
