@@ -54,7 +54,9 @@ class NoCheckpointError(CheckpointError):
 
 
 def directory(workdir: epath.PathLike) -> epath.Path:
-    return epath.Path(workdir) / CHECKPOINTS
+    """``WORKDIR/checkpoints``, absolute on a local disk (orbax refuses relative paths)."""
+    path = epath.Path(workdir)
+    return (path if files.is_remote(path) else path.absolute()) / CHECKPOINTS
 
 
 def _registry(partial: bool = False) -> ocp.handlers.DefaultCheckpointHandlerRegistry:

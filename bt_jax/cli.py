@@ -10,7 +10,9 @@ else is a bug: one line too, saying so and how to see the traceback.
 from __future__ import annotations
 
 import os
+import ast
 import sys
+import threading
 from typing import Callable, NoReturn
 
 from bt_jax import errors
@@ -44,6 +46,46 @@ def describe(error: BaseException) -> str:
     return " ".join(message.split())  # one line, whatever the message held
 
 
+def bad_flags(error: BaseException, argv: list[str]) -> NoReturn:
+    """A bad flag, config file or ``--config.KEY``: one line on stderr and exit status 2
+    (re-raised with ``--verbose``)."""
+    if verbose_requested(argv):
+        raise error
+    from absl import flags
+
+    if isinstance(error, flags.Error):
+        message = str(error)
+    elif isinstance(error, (KeyError, AttributeError)) and error.args:
+        # ml_collections: an override of a key the config does not have ("Did you mean ...").
+        message = _unknown_key(str(error.args[0]))
+    else:
+        message = describe(error)
+    sys.stderr.write(f"error: {' '.join(message.split())} (see --helpfull for the flags and "
+                     "--config.KEY names)\n")
+    sys.exit(2)
+
+
+def _unknown_key(text: str) -> str:
+    """ml_collections' "'widht'\\nDid you mean ..." (often repr-quoted twice) as one sentence."""
+    for _ in range(2):
+        try:
+            text = str(ast.literal_eval(text))
+        except (ValueError, SyntaxError):
+            break
+    key, _, hint = text.partition("\n")
+    return f"unknown config key {key.strip(chr(39) + chr(34))!r}" + (f". {hint}" if hint else "")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing (``app.run(..., flags_parser=cli.parse_flags)``), bad input in one line."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except Exception as error:  # noqa: BLE001 - flags, config files: anything is bad input
+        bad_flags(error, argv)
+
+
 def _exit(status: int) -> NoReturn:
     """sys.exit, or os._exit with several JAX processes: an error on one host must not wait in
     jax.distributed's shutdown barrier (300 s, then every process aborts and the status is
@@ -60,9 +102,20 @@ def _distributed(jax) -> bool:
     return bool(jax.distributed.is_initialized())
 
 
+def _one_line_thread_error(args: threading.ExceptHookArgs) -> None:
+    """A background thread's failure (e.g. an asynchronous checkpoint write when the disk is
+    full) as one warning line; the main thread reports what it means for the run."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "a background thread"
+    sys.stderr.write(f"warning: {name} failed: {describe(args.exc_value)}\n")
+
+
 def run(main: Callable[[], int | None], *, verbose: bool | None = None) -> NoReturn:
     """Runs ``main()`` and exits with its status; errors become one ``error:`` line."""
     verbose = verbose_requested() if verbose is None else verbose
+    if not verbose:
+        threading.excepthook = _one_line_thread_error
     try:
         status = main()
     except SystemExit:

@@ -78,7 +78,8 @@ def read_json(path: epath.PathLike) -> Any:
 
 
 def check_usable(path: epath.PathLike, *, what: str) -> epath.Path:
-    """``path`` as an epath.Path, or StorageError when its filesystem is not installed.
+    """``path`` as an epath.Path (absolute if local), or StorageError when its filesystem is
+    not installed or its bucket does not exist.
 
     A scheme with no installed filesystem (``s3://`` without s3fs) would otherwise fail at the
     first write, after compiling.
@@ -110,7 +111,9 @@ def check_usable(path: epath.PathLike, *, what: str) -> epath.Path:
         reason = getattr(error, "strerror", None) or getattr(error, "message", None) or error
         raise StorageError(f"{what} {os.fspath(path)!r} cannot be reached: {reason}. Check the "
                            "bucket's name, your credentials and the network.") from None
-    return path
+    # Absolute on a local disk: orbax refuses relative checkpoint paths, and a relative path
+    # would change meaning with the working directory.
+    return path if is_remote(path) else path.absolute()
 
 
 def check_writable_directory(path: epath.PathLike, *, what: str) -> epath.Path:

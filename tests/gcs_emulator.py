@@ -196,6 +196,22 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
+# Each variable's value before any emulator of this process set it.
+_BEFORE_EMULATOR: dict[str, str | None] = {}
+
+
+def environment_without_emulator() -> dict[str, str]:
+    """os.environ as it was before the emulator pointed the clients at itself: for subprocesses
+    that must reach the real network (pip), not the test proxy."""
+    environment = dict(os.environ)
+    for key, value in _BEFORE_EMULATOR.items():
+        if value is None:
+            environment.pop(key, None)
+        else:
+            environment[key] = value
+    return environment
+
+
 def _apply_env(env: dict[str, str]) -> dict[str, str | None]:
     """Sets env in os.environ (and in already-imported fsspec's config); returns the old values."""
     gcsfs = sys.modules.get("gcsfs")
@@ -203,6 +219,8 @@ def _apply_env(env: dict[str, str]) -> dict[str, str | None]:
         raise RuntimeError("gcsfs was imported before the emulator set "
                            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false; start the emulator first")
     old = {key: os.environ.get(key) for key in env}
+    for key, value in old.items():
+        _BEFORE_EMULATOR.setdefault(key, value)
     os.environ.update(env)
     if "fsspec" in sys.modules:  # fsspec reads FSSPEC_* once, at import.
         import fsspec.config

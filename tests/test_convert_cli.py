@@ -6,11 +6,12 @@ import subprocess
 import sys
 
 import chex
-import ml_collections
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bt_jax import checkpoint, convert
+from bt_jax import checkpoint, convert, models
 from bt_jax.convert import files
 from convert_helpers import official_state_dict, random_variables
 
@@ -92,14 +93,16 @@ def test_with_projector_round_trip_through_files(tmp_path, capsys):
 
 
 def test_exported_backbone_converts_to_torchvision(tmp_path):
-    variables = random_variables("resnet18", width=8, stem="cifar")
-    config = ml_collections.ConfigDict(
-        dict(model="resnet18", stem="cifar", width=8, zero_init_residual=True)
-    )
-    checkpoint.export_backbone(str(tmp_path / "backbone.msgpack"), config, variables)
+    model_config = dict(name="resnet18", stem="cifar", width=8, zero_init_residual=True,
+                        projector="16-16", dtype="float32")
+    model = models.create_model(**model_config)
+    variables = jax.device_get(model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)),
+                                          train=False))
+    checkpoint.export(tmp_path, model_config, variables)
     assert main(tmp_path / "backbone.msgpack", tmp_path / "resnet18.npz") == 0
+    backbone = {key: variables[key]["backbone"] for key in ("params", "batch_stats")}
     chex.assert_trees_all_equal(
-        convert.load_state_dict(tmp_path / "resnet18.npz"), convert.flax_to_torchvision(variables)
+        convert.load_state_dict(tmp_path / "resnet18.npz"), convert.flax_to_torchvision(backbone)
     )
 
 

@@ -55,11 +55,17 @@ def upload(emulator: GcsEmulator, path: epath.Path, data: bytes) -> None:
     urllib.request.urlopen(request).close()
 
 
-def run_python(code: str, *args: str, env: dict[str, str] | None = None
+def run_python(code: str, *args: str, env: dict[str, str | None] | None = None
                ) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter; ``env`` entries set (or, when None, remove) variables."""
+    environment = dict(os.environ)
+    for key, value in (env or {}).items():
+        if value is None:
+            environment.pop(key, None)
+        else:
+            environment[key] = value
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], cwd=TESTS_DIR,
-                          env=dict(os.environ, **(env or {})), capture_output=True, text=True,
-                          timeout=300)
+                          env=environment, capture_output=True, text=True, timeout=300)
 
 
 def test_environment_points_every_client_at_the_emulator(gcs_emulator):
@@ -161,7 +167,10 @@ def test_gcsfs_listings_cache_misses_other_processes_unless_disabled(gcs_emulato
                         f"from etils import epath; epath.Path('{root}/b').write_text('b')"],
                        check=True)
         print(sorted(p.name for p in root.iterdir()), (root / "b").exists())
-    """, os.fspath(gcs_dir), env={"EPATH_USE_TF": "false"})
+    """, os.fspath(gcs_dir), env={"EPATH_USE_TF": "false",
+                                  # gcsfs's default (importing bt_jax.files in this pytest
+                                  # process turned the cache off for its children).
+                                  "FSSPEC_GCS_USE_LISTINGS_CACHE": None})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split("\n")[-2] == "['a'] False"  # Stale.
     result = run_python("""

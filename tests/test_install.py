@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 
+from gcs_emulator import environment_without_emulator
 from train_helpers import REPO
 
 pytestmark = pytest.mark.slow
@@ -35,8 +36,9 @@ def test_the_core_installs_alone_and_imports_no_tensorflow(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
+    # The real network: a GCS emulator started earlier in this process routes HTTPS elsewhere.
     install = subprocess.run([python, "-m", "pip", "install", "-q", REPO], capture_output=True,
-                             text=True, timeout=900)
+                             text=True, timeout=900, env=environment_without_emulator())
     assert install.returncode == 0, install.stderr[-3000:]
     listed = subprocess.run([python, "-m", "pip", "list"], capture_output=True, text=True).stdout
     for package in ("tensorflow", "tensorflow-datasets", "clu", "ml-collections",

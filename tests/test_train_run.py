@@ -1,6 +1,7 @@
 """The pretraining loop on one process: determinism, logs, checkpoints, SIGKILL and SIGTERM with
 exact resume, the config record, the CLI as a new user types it."""
 
+import functools
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import pytest
 import bt_jax
 from bt_jax import checkpoint
 from bt_jax import metric_logging
+from bt_jax import state as state_lib
 from bt_jax import workdir as workdir_lib
 from bt_jax.train import loop
 from train_helpers import REPO, assert_bit_identical, restore_params, subprocess_env
@@ -31,13 +33,19 @@ def reference_run(tmp_path_factory):
     return workdir, jax.device_get(state.params)
 
 
-def test_same_seed_gives_bit_identical_parameters(reference_run, tmp_path):
-    _, params = reference_run
-    again = loop.train_and_evaluate(tiny_config(max_steps=6), str(tmp_path / "again"))
-    assert_bit_identical(jax.device_get(again.params), params)
-    other = loop.train_and_evaluate(tiny_config(max_steps=2, seed=1), str(tmp_path / "other"))
-    first_leaf = lambda p: jax.tree.leaves(p)[0]  # noqa: E731
-    assert not np.array_equal(first_leaf(jax.device_get(other.params)), first_leaf(params))
+def test_the_seed_decides_the_initial_parameters():
+    """Same seed, same bits; another seed, other parameters. (A whole run repeated bit for bit,
+    in another process, is test_sigkill_and_resume_is_bit_identical.)"""
+    def initial_params(seed):
+        config = tiny_config(seed=seed)
+        model = state_lib.build_model(config)
+        tx = state_lib.build_optimizer(config, steps_per_epoch=5)
+        return jax.device_get(jax.jit(functools.partial(
+            state_lib.init_state, config, model, tx, 10))().params)
+
+    first = initial_params(0)
+    assert_bit_identical(initial_params(0), first)
+    assert not np.array_equal(jax.tree.leaves(initial_params(1))[0], jax.tree.leaves(first)[0])
 
 
 def test_run_writes_logs_checkpoints_and_loadable_weights(reference_run):

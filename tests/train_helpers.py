@@ -75,6 +75,8 @@ def subprocess_env(device_count=8, **extra):
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={device_count}"
     env["JAX_PLATFORMS"] = "cpu"
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    # This checkout's bt_jax, whatever the working directory and whatever else is installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
 

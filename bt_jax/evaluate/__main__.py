@@ -56,14 +56,7 @@ def define_flags() -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    try:
-        rest = FLAGS(argv)
-    except Exception as error:  # noqa: BLE001 - anything here is bad input
-        if cli.verbose_requested(argv):
-            raise
-        message = str(error) if isinstance(error, flags.Error) else cli.describe(error)
-        sys.stderr.write(f"error: {' '.join(message.split())} (see --helpfull)\n")
-        sys.exit(2)
+    rest = cli.parse_flags(argv)
     if FLAGS.workdir is None:
         sys.stderr.write("error: --workdir is required: the pretraining run to evaluate.\n")
         sys.exit(2)
@@ -114,5 +107,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
+    try:
+        define_flags()  # ml_collections already applies the --config.KEY overrides here
+    except Exception as error:  # noqa: BLE001 - an unknown key
+        cli.bad_flags(error, sys.argv)
     app.run(main, flags_parser=parse_flags)

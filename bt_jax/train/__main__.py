@@ -49,19 +49,6 @@ def define_flags() -> None:
     flags.DEFINE_bool("verbose", False, "Show tracebacks (for bug reports).")
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with a bad flag or config file reported in one line."""
-    try:
-        return FLAGS(argv)
-    except Exception as error:  # noqa: BLE001 - flags, config files: anything is bad input
-        if cli.verbose_requested(argv):
-            raise
-        message = cli.describe(error) if not isinstance(error, flags.Error) else str(error)
-        sys.stderr.write(f"error: {' '.join(message.split())} (see --helpfull for the flags and "
-                         "--config.KEY names)\n")
-        sys.exit(2)
-
-
 class _OnlyOurInfo(std_logging.Filter):
     """Libraries (orbax above all) log every save at INFO; keep their warnings, drop the rest."""
 
@@ -103,5 +90,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main, flags_parser=parse_flags)
+    try:
+        define_flags()  # ml_collections already applies the --config.KEY overrides here
+    except Exception as error:  # noqa: BLE001 - an unknown key, a broken config file
+        cli.bad_flags(error, sys.argv)
+    app.run(main, flags_parser=cli.parse_flags)

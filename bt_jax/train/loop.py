@@ -122,7 +122,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
 def _train_and_evaluate(config, workdir, interrupts: interrupts_lib.Interrupts) -> Any:
     run = check(config, workdir)
     config, workdir = run.config, run.workdir
-    # The lease first: a second run must not restore (or set aside) what a live run writes.
+    # Every process has checked the lease before process 0 takes it (or the others would find
+    # it taken); then the lease before the restore: a second run must not restore (or set
+    # aside) what a live run writes.
+    parallel.barrier("checked")
     lease = workdir_lib.Lease(workdir)
     if jax.process_index() == 0:
         lease.acquire()
