@@ -18,19 +18,16 @@ for :func:`load_backbone`) and ``model.msgpack`` (backbone + projector, :func:`l
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.serialization
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 from etils import epath
 
-from bt_jax import cli
-from bt_jax import errors
-from bt_jax import files
-from bt_jax import models
+from bt_jax import cli, errors, files, models
 
 CHECKPOINTS = "checkpoints"
 UNREADABLE = "checkpoints_unreadable"  # where checkpoints that fail to restore are set aside
@@ -82,16 +79,17 @@ def open_manager(workdir: epath.PathLike, *, keep: int) -> ocp.CheckpointManager
         cleanup_tmp_directories=True,
         enable_async_checkpointing=True,
     )
-    return ocp.CheckpointManager(directory(workdir), options=options,
-                                 handler_registry=_registry())
+    return ocp.CheckpointManager(directory(workdir), options=options, handler_registry=_registry())
 
 
 def _reader(workdir: epath.PathLike, partial: bool = False) -> ocp.CheckpointManager:
     # Never creates, prunes or cleans anything: a training run may be writing this workdir.
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                           cleanup_tmp_directories=False)
-    return ocp.CheckpointManager(directory(workdir), options=options,
-                                 handler_registry=_registry(partial))
+    options = ocp.CheckpointManagerOptions(
+        read_only=True, create=False, cleanup_tmp_directories=False
+    )
+    return ocp.CheckpointManager(
+        directory(workdir), options=options, handler_registry=_registry(partial)
+    )
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, identity: dict) -> None:
@@ -100,8 +98,12 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, identity: dict) 
     Returns once the arrays are copied off the devices (the state may then be donated to the
     next step); the files are written in the background, the previous save finished first.
     """
-    manager.save(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardSave(state), RUN: ocp.args.JsonSave(identity)}))
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            **{STATE: ocp.args.StandardSave(state), RUN: ocp.args.JsonSave(identity)}
+        ),
+    )
 
 
 def _items(manager: ocp.CheckpointManager, step: int) -> set[str]:
@@ -123,18 +125,28 @@ def stored_identity(manager: ocp.CheckpointManager, step: int) -> dict | None:
 
 def check_identity(saved: dict, given: dict, where: str) -> None:
     """IncompatibleCheckpointError naming every key whose value differs."""
-    different = {key: (saved.get(key), value) for key, value in given.items()
-                 if key in saved and saved[key] != value}
+    different = {
+        key: (saved.get(key), value)
+        for key, value in given.items()
+        if key in saved and saved[key] != value
+    }
     if different:
-        details = ", ".join(f"{key}: saved {old!r}, given {new!r}"
-                            for key, (old, new) in sorted(different.items()))
+        details = ", ".join(
+            f"{key}: saved {old!r}, given {new!r}" for key, (old, new) in sorted(different.items())
+        )
         raise IncompatibleCheckpointError(
             f"{where} holds a run with another config ({details}). Nothing was overwritten. Use "
-            "a new --workdir, or the saved values to resume.")
+            "a new --workdir, or the saved values to resume."
+        )
 
 
-def restore(manager: ocp.CheckpointManager, target: Any, *, identity: dict,
-            on_unreadable: Callable[[int, str], None] | None = None) -> tuple[Any, int | None]:
+def restore(
+    manager: ocp.CheckpointManager,
+    target: Any,
+    *,
+    identity: dict,
+    on_unreadable: Callable[[int, str], None] | None = None,
+) -> tuple[Any, int | None]:
     """(state, step) from the latest checkpoint that restores, or (target, None) if none exists.
 
     Checks each checkpoint's stored identity against ``identity`` (IncompatibleCheckpointError,
@@ -150,8 +162,9 @@ def restore(manager: ocp.CheckpointManager, target: Any, *, identity: dict,
             if saved is not None:
                 check_identity(saved, identity, f"The checkpoint {directory_of(manager)}/{step}")
             item = _state_item(manager, step)
-            restored = manager.restore(step, args=ocp.args.Composite(**{
-                item: ocp.args.StandardRestore(abstract)}))
+            restored = manager.restore(
+                step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)})
+            )
             return restored[item], step
         except IncompatibleCheckpointError:
             raise
@@ -163,7 +176,8 @@ def restore(manager: ocp.CheckpointManager, target: Any, *, identity: dict,
     if failures:
         raise CheckpointError(
             f"No checkpoint in {directory_of(manager)} restores ({'; '.join(failures)}). "
-            "Nothing was changed. Start again in a new --workdir, or restore the files.")
+            "Nothing was changed. Start again in a new --workdir, or restore the files."
+        )
     return target, None
 
 
@@ -211,21 +225,32 @@ def read_variables(workdir: epath.PathLike, step: int, part: str | None = "backb
         item = _state_item(manager, step)
         metadata = manager.item_metadata(step)[item]
         try:
-            wanted = {key: (metadata[key] if part is None else {part: metadata[key][part]})
-                      for key in ("params", "batch_stats")}
+            wanted = {
+                key: (metadata[key] if part is None else {part: metadata[key][part]})
+                for key in ("params", "batch_stats")
+            }
         except (KeyError, TypeError):
             raise CheckpointError(
                 f"The checkpoint {where} holds no params/{part} and batch_stats/{part}: it is "
-                "not a bt_jax pretraining checkpoint.") from None
+                "not a bt_jax pretraining checkpoint."
+            ) from None
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-        restored = manager.restore(step, args=ocp.args.Composite(**{
-            item: ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
-                                         partial_restore=True)}))[item]
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    item: ocp.args.PyTreeRestore(
+                        item=wanted, restore_args=restore_args, partial_restore=True
+                    )
+                }
+            ),
+        )[item]
     except CheckpointError:
         raise
     except Exception as error:  # noqa: BLE001 - orbax/tensorstore raise many types
-        raise CheckpointError(f"The checkpoint {where} cannot be read: "
-                              f"{cli.describe(error)}") from None
+        raise CheckpointError(
+            f"The checkpoint {where} cannot be read: {cli.describe(error)}"
+        ) from None
     finally:
         manager.close()
     restored = plain(restored)
@@ -244,13 +269,16 @@ def plain(tree: Any) -> Any:
 def check_finite(variables: Any, where: str) -> None:
     """CheckpointError naming the first non-finite array: a diverged run cannot be evaluated."""
     flat = flax.traverse_util.flatten_dict(plain(variables), sep="/")
-    bad = [key for key, value in flat.items()
-           if np.issubdtype(np.asarray(value).dtype, np.floating)
-           and not np.all(np.isfinite(value))]
+    bad = [
+        key
+        for key, value in flat.items()
+        if np.issubdtype(np.asarray(value).dtype, np.floating) and not np.all(np.isfinite(value))
+    ]
     if bad:
         raise CheckpointError(
             f"{where} holds non-finite values ({len(bad)} arrays, e.g. {bad[0]}): the run "
-            "diverged before it was saved. Evaluate an earlier checkpoint (--step) instead.")
+            "diverged before it was saved. Evaluate an earlier checkpoint (--step) instead."
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,11 +298,16 @@ def export(workdir: epath.PathLike, model_config: Any, variables: dict) -> None:
     if jax.process_index() != 0:
         return
     backbone_fields = {key: model_config[key] for key in BACKBONE_FIELDS}
-    _export(epath.Path(workdir) / BACKBONE_FILE, backbone_fields,
-            {key: variables[key]["backbone"] for key in ("params", "batch_stats")})
-    _export(epath.Path(workdir) / MODEL_FILE, {**backbone_fields,
-                                               "projector": model_config["projector"]},
-            variables)
+    _export(
+        epath.Path(workdir) / BACKBONE_FILE,
+        backbone_fields,
+        {key: variables[key]["backbone"] for key in ("params", "batch_stats")},
+    )
+    _export(
+        epath.Path(workdir) / MODEL_FILE,
+        {**backbone_fields, "projector": model_config["projector"]},
+        variables,
+    )
 
 
 def _read_export(path: epath.PathLike, name: str) -> tuple[dict, dict]:
@@ -284,13 +317,16 @@ def _read_export(path: epath.PathLike, name: str) -> tuple[dict, dict]:
     if not path.exists():
         raise NoCheckpointError(
             f"No exported weights at {path}. They are written at the end of `python -m "
-            "bt_jax.train`; pass that file or its workdir.")
+            "bt_jax.train`; pass that file or its workdir."
+        )
     try:
         payload = flax.serialization.msgpack_restore(path.read_bytes())
         return json.loads(payload["config"]), plain(payload["variables"])
     except Exception as error:  # noqa: BLE001 - msgpack raises many types for a bad file
-        raise CheckpointError(f"{path} is not an exported bt_jax model ({cli.describe(error)}). "
-                              "Export it again with python -m bt_jax.train.") from None
+        raise CheckpointError(
+            f"{path} is not an exported bt_jax model ({cli.describe(error)}). "
+            "Export it again with python -m bt_jax.train."
+        ) from None
 
 
 def load_backbone(path: epath.PathLike, **overrides: Any) -> tuple[Any, dict]:
@@ -303,8 +339,9 @@ def load_backbone(path: epath.PathLike, **overrides: Any) -> tuple[Any, dict]:
         features = module.apply(variables, images, train=False)   # [B, F]
     """
     fields, variables = _read_export(path, BACKBONE_FILE)
-    return models.create(fields.pop("name", None) or fields.pop("model"), **fields,
-                         **overrides), variables
+    return models.create(
+        fields.pop("name", None) or fields.pop("model"), **fields, **overrides
+    ), variables
 
 
 def load_model(path: epath.PathLike, **overrides: Any) -> tuple[Any, dict]:

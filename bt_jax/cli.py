@@ -9,11 +9,13 @@ else is a bug: one line too, saying so and how to see the traceback.
 
 from __future__ import annotations
 
-import os
 import ast
+import logging
+import os
 import sys
 import threading
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 from bt_jax import errors
 
@@ -32,6 +34,14 @@ def strip_verbose(argv: list[str]) -> list[str]:
     return [arg for arg in argv if arg != "--verbose"]
 
 
+_STORAGE_FAILURES = (
+    "No space left on device",
+    "Disk quota exceeded",
+    "Read-only file system",
+    "Permission denied",
+)
+
+
 def describe(error: BaseException) -> str:
     """The one-line message for an error: its own text, or what an OSError was about."""
     if isinstance(error, errors.Error):
@@ -40,9 +50,14 @@ def describe(error: BaseException) -> str:
         what = error.strerror or str(error)
         where = f" ({error.filename})" if error.filename else ""
         message = f"{what}{where}. Check the path, its permissions and the free space."
+    elif any(mark in str(error) for mark in _STORAGE_FAILURES):
+        # An OS error that a library (tensorstore, orbax) wrapped in its own type.
+        message = f"{error}. Check the path, its permissions and the free space."
     else:
-        message = (f"{type(error).__name__}: {error}. This is probably a bug in bt_jax; rerun "
-                   f"with --verbose (or {VERBOSE_ENV}=1) for the traceback and report it.")
+        message = (
+            f"{type(error).__name__}: {error}. This is probably a bug in bt_jax; rerun "
+            f"with --verbose (or {VERBOSE_ENV}=1) for the traceback and report it."
+        )
     return " ".join(message.split())  # one line, whatever the message held
 
 
@@ -60,8 +75,10 @@ def bad_flags(error: BaseException, argv: list[str]) -> NoReturn:
         message = _unknown_key(str(error.args[0]))
     else:
         message = describe(error)
-    sys.stderr.write(f"error: {' '.join(message.split())} (see --helpfull for the flags and "
-                     "--config.KEY names)\n")
+    sys.stderr.write(
+        f"error: {' '.join(message.split())} (see --helpfull for the flags and "
+        "--config.KEY names)\n"
+    )
     sys.exit(2)
 
 
@@ -100,6 +117,21 @@ def _exit(status: int) -> NoReturn:
 
 def _distributed(jax) -> bool:
     return bool(jax.distributed.is_initialized())
+
+
+class LibraryLogFilter(logging.Filter):
+    """Libraries (orbax above all) log every save at INFO: keep their warnings and errors, drop
+    the rest, and (unless verbose) their tracebacks: the error line says what went wrong."""
+
+    def __init__(self, verbose: bool = False):
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = "bt_jax" in record.pathname
+        if not ours and not self.verbose:
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return ours or record.levelno >= logging.WARNING
 
 
 def _one_line_thread_error(args: threading.ExceptHookArgs) -> None:

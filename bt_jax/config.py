@@ -20,7 +20,8 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
@@ -32,10 +33,22 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Keys that must match between a workdir's run and a resumed one: they change the shapes of the
 # state or the meaning of a step. Dotted paths; a group name stands for every key in it.
 RESUME_KEYS = (
-    "seed", "batch_size", "num_epochs", "model.name", "model.stem", "model.width",
-    "model.zero_init_residual", "model.projector", "data.dataset", "data.data_dir",
-    "data.image_size", "data.min_crop_scale", "data.blur_probabilities",
-    "data.solarize_probabilities", "optim.warmup_epochs", "probe.enabled",
+    "seed",
+    "batch_size",
+    "num_epochs",
+    "model.name",
+    "model.stem",
+    "model.width",
+    "model.zero_init_residual",
+    "model.projector",
+    "data.dataset",
+    "data.data_dir",
+    "data.image_size",
+    "data.min_crop_scale",
+    "data.blur_probabilities",
+    "data.solarize_probabilities",
+    "optim.warmup_epochs",
+    "probe.enabled",
 )
 
 
@@ -44,13 +57,15 @@ class ConfigError(errors.Error, ValueError):
 
 
 def _lars_defaults() -> dict[str, Any]:
-    """The official LARS recipe: the keyword defaults of ``bt_jax.optim.lars``, written there only."""
+    """The official LARS recipe: ``bt_jax.optim.lars``'s keyword defaults, written there only."""
     from bt_jax import optim  # optax: imported on use, the schema itself does not need it
 
     run_shaped = ("global_batch", "steps_per_epoch", "num_epochs")
-    return {name: parameter.default
-            for name, parameter in inspect.signature(optim.lars).parameters.items()
-            if name not in run_shaped}
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(optim.lars).parameters.items()
+        if name not in run_shaped
+    }
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -64,32 +79,39 @@ def get_config() -> ml_collections.ConfigDict:
     config.parallelism = "shard_map"
 
     # bt_jax.data: the source and the two views.
-    config.data = ml_collections.ConfigDict(dict(
-        dataset="digits",  # digits | idx | folder | any tfds name (cifar10, imagenet2012, ...)
-        data_dir="",  # tfds data_dir, IDX directory or image folder; "" = the source's default
-        # Training crop side. The digits are 8x8: 16 px keeps the crops meaningful at a quarter
-        # of the cost of 32 px (recipes for real data set their own).
-        image_size=16,
-        eval_resize=16,  # evaluation: resize the short side, then centre-crop image_size
-        min_crop_scale=0.08,  # RandomResizedCrop lower area bound
-        # Per view (A, B), the official recipe (from BYOL). Sigma ~ U(0.1, 2) px whatever the
-        # image size, so small images may want less blur (solo-learn's CIFAR recipes use none).
-        blur_probabilities=(1.0, 0.1),
-        solarize_probabilities=(0.0, 0.2),
-        # Where colour jitter, grayscale, blur and solarize run: "host" (tf.data) or "device"
-        # (in the jitted step, BYOL's split); crop, flip and resize always run on the host.
-        photometric="host",
-    ))
+    config.data = ml_collections.ConfigDict(
+        dict(
+            dataset="digits",  # digits | idx | folder | any tfds name (cifar10, imagenet2012, ...)
+            data_dir="",  # tfds data_dir, IDX directory or image folder; "" = the source's default
+            # Training crop side. The digits are 8x8: 16 px keeps the crops meaningful at a quarter
+            # of the cost of 32 px (recipes for real data set their own).
+            image_size=16,
+            eval_resize=16,  # evaluation: resize the short side, then centre-crop image_size
+            min_crop_scale=0.08,  # RandomResizedCrop lower area bound
+            # Per view (A, B), the official recipe (from BYOL). Sigma ~ U(0.1, 2) px whatever the
+            # image size, so small images may want less blur (solo-learn's CIFAR recipes use none).
+            blur_probabilities=(1.0, 0.1),
+            solarize_probabilities=(0.0, 0.2),
+            # Where colour jitter, grayscale, blur and solarize run: "host" (tf.data) or "device"
+            # (in the jitted step, BYOL's split); crop, flip and resize always run on the host.
+            photometric="host",
+        )
+    )
 
     # bt_jax.models.create_model: backbone + projector.
-    config.model = ml_collections.ConfigDict(dict(
-        name="resnet18",
-        stem="cifar",  # cifar: 3x3/1 conv, no pool; imagenet: 7x7/2 conv + max-pool
-        width=16,  # 64 is the standard ResNet
-        zero_init_residual=True,
-        projector="512-512-512",
-        dtype="float32",  # computation dtype; parameters and the loss stay float32
-    ))
+    config.model = ml_collections.ConfigDict(
+        dict(
+            name="resnet18",
+            stem="cifar",  # cifar: 3x3/1 conv, no pool; imagenet: 7x7/2 conv + max-pool
+            width=16,  # 64 is the standard ResNet
+            zero_init_residual=True,
+            projector="512-512-512",
+            dtype="float32",  # computation dtype; parameters and the loss stay float32
+            # How convolutions run (bt_jax.models.conv): "xla"; "auto" is faster on CPUs at width 64
+            # (per-tap kernel gradients), slower at width 16; the same values either way.
+            conv="xla",
+        )
+    )
 
     # bt_jax.loss.barlow_twins_loss.
     config.loss = ml_collections.ConfigDict(dict(lambd=0.0051, method="auto"))
@@ -102,31 +124,35 @@ def get_config() -> ml_collections.ConfigDict:
     config.probe = ml_collections.ConfigDict(dict(enabled=True, learning_rate=0.1))
 
     # Evaluation protocols (bt_jax.evaluate).
-    config.eval = ml_collections.ConfigDict(dict(
-        at_end=True,  # the main job ends with the quick linear probe and kNN
-        # A labelled dataset for evaluation when pretraining reads unlabelled images;
-        # "" = the pretraining dataset. Same image size and transform.
-        dataset="",
-        data_dir="",
-        linear_epochs=100,  # the paper's linear protocol
-        linear_learning_rate=0.3,
-        linear_weight_decay=1e-6,
-        linear_batch_size=256,
-        knn_k=200,
-        knn_temperature=0.1,
-        finetune_epochs=20,  # the paper's semi-supervised protocol
-        finetune_backbone_learning_rate=0.002,
-        finetune_head_learning_rate=0.5,
-        finetune_batch_size=256,
-        label_fractions=(0.01, 0.1),
-    ))
+    config.eval = ml_collections.ConfigDict(
+        dict(
+            at_end=True,  # the main job ends with the quick linear probe and kNN
+            # A labelled dataset for evaluation when pretraining reads unlabelled images;
+            # "" = the pretraining dataset. Same image size and transform.
+            dataset="",
+            data_dir="",
+            linear_epochs=100,  # the paper's linear protocol
+            linear_learning_rate=0.3,
+            linear_weight_decay=1e-6,
+            linear_batch_size=256,
+            knn_k=200,
+            knn_temperature=0.1,
+            finetune_epochs=20,  # the paper's semi-supervised protocol
+            finetune_backbone_learning_rate=0.002,
+            finetune_head_learning_rate=0.5,
+            finetune_batch_size=256,
+            label_fractions=(0.01, 0.1),
+        )
+    )
 
     # Checkpoints (bt_jax.checkpoint) and logs (bt_jax.metric_logging).
     config.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=2))
-    config.logging = ml_collections.ConfigDict(dict(
-        every_steps=10,
-        correlation_image_dims=128,  # leading dimensions of C drawn every epoch
-    ))
+    config.logging = ml_collections.ConfigDict(
+        dict(
+            every_steps=10,
+            correlation_image_dims=128,  # leading dimensions of C drawn every epoch
+        )
+    )
     return config
 
 
@@ -164,79 +190,140 @@ def validate(config: ml_collections.ConfigDict) -> None:
     Needs nothing but the config: no devices, no data. See :func:`check_run` for those.
     """
     # Imported here: the schema itself needs none of them (the evaluation CLI reads configs).
-    from bt_jax import loss
-    from bt_jax import models
-    from bt_jax import optim
+    from bt_jax import loss, models, optim
     from bt_jax.data import views
 
     unknown = sorted(set(flat_items(config)) - set(flat_items(get_config())))
     if unknown:
         raise ConfigError(
             f"Unknown config key(s) {unknown}. Check the spelling in your config file or "
-            "--config.KEY flag; `python -m bt_jax.train --helpfull` lists every key.")
+            "--config.KEY flag; `python -m bt_jax.train --helpfull` lists every key."
+        )
     values = flat_items(config)
 
     def require(ok: bool, key: str, what: str) -> None:
         if not ok:
             raise ConfigError(f"config.{key}={values[key]!r}: {what}")
 
-    for key in ("batch_size", "num_epochs", "data.image_size", "data.eval_resize",
-                "model.width", "checkpoint.every_steps", "checkpoint.keep", "logging.every_steps",
-                "logging.correlation_image_dims", "eval.linear_epochs", "eval.linear_batch_size",
-                "eval.knn_k", "eval.finetune_epochs", "eval.finetune_batch_size"):
+    for key in (
+        "batch_size",
+        "num_epochs",
+        "data.image_size",
+        "data.eval_resize",
+        "model.width",
+        "checkpoint.every_steps",
+        "checkpoint.keep",
+        "logging.every_steps",
+        "logging.correlation_image_dims",
+        "eval.linear_epochs",
+        "eval.linear_batch_size",
+        "eval.knn_k",
+        "eval.finetune_epochs",
+        "eval.finetune_batch_size",
+    ):
         require(_is_int(values[key]) and values[key] > 0, key, "must be a positive integer.")
-    require(_is_int(values["seed"]) and values["seed"] >= 0, "seed",
-            "must be a non-negative integer.")
-    require(_is_int(values["max_steps"]) and (values["max_steps"] == -1 or values["max_steps"] > 0),
-            "max_steps", "must be -1 (train all epochs) or a positive number of steps.")
+    require(
+        _is_int(values["seed"]) and values["seed"] >= 0, "seed", "must be a non-negative integer."
+    )
+    require(
+        _is_int(values["max_steps"]) and (values["max_steps"] == -1 or values["max_steps"] > 0),
+        "max_steps",
+        "must be -1 (train all epochs) or a positive number of steps.",
+    )
     # Finite and > 0: a rate of 0 trains nothing, silently.
-    for key in ("optim.learning_rate_weights", "optim.learning_rate_biases",
-                "probe.learning_rate", "eval.linear_learning_rate",
-                "eval.knn_temperature", "eval.finetune_backbone_learning_rate",
-                "eval.finetune_head_learning_rate"):
-        require(_is_number(values[key]) and math.isfinite(values[key]) and values[key] > 0, key,
-                "must be a finite number > 0.")
+    for key in (
+        "optim.learning_rate_weights",
+        "optim.learning_rate_biases",
+        "probe.learning_rate",
+        "eval.linear_learning_rate",
+        "eval.knn_temperature",
+        "eval.finetune_backbone_learning_rate",
+        "eval.finetune_head_learning_rate",
+    ):
+        require(
+            _is_number(values[key]) and math.isfinite(values[key]) and values[key] > 0,
+            key,
+            "must be a finite number > 0.",
+        )
     for key in ("loss.lambd", "eval.linear_weight_decay"):
-        require(_is_number(values[key]) and math.isfinite(values[key]) and values[key] >= 0, key,
-                "must be a finite number >= 0" + (" (the official value is 0.0051)."
-                                                  if key == "loss.lambd" else "."))
-    require(values["loss.method"] in loss.METHODS, "loss.method",
-            f"must be one of {loss.METHODS}.")
+        require(
+            _is_number(values[key]) and math.isfinite(values[key]) and values[key] >= 0,
+            key,
+            "must be a finite number >= 0"
+            + (" (the official value is 0.0051)." if key == "loss.lambd" else "."),
+        )
+    require(values["loss.method"] in loss.METHODS, "loss.method", f"must be one of {loss.METHODS}.")
     require(values["parallelism"] in PARALLELISM, "parallelism", f"must be one of {PARALLELISM}.")
     require(values["model.dtype"] in DTYPES, "model.dtype", f"must be one of {DTYPES}.")
-    require(str(values["model.name"]).lower() in models.BACKBONES, "model.name",
-            f"unknown backbone; known: {', '.join(models.BACKBONES)}.")
-    require(values["model.stem"] in models.STEMS, "model.stem",
-            f"must be one of {models.STEMS}.")
-    require(values["data.photometric"] in views.PHOTOMETRIC_MODES, "data.photometric",
-            f"must be one of {views.PHOTOMETRIC_MODES}.")
-    require(_is_number(values["data.min_crop_scale"]) and 0 < values["data.min_crop_scale"] <= 1,
-            "data.min_crop_scale", "must be in (0, 1].")
-    require(values["data.image_size"] >= views.MIN_IMAGE_SIZE, "data.image_size",
-            f"must be at least {views.MIN_IMAGE_SIZE} px (the blur kernel's reflect padding needs it); "
-            "small images are upsampled by the crop's resize.")
-    require(values["data.eval_resize"] >= values["data.image_size"], "data.eval_resize",
-            f"must be >= data.image_size ({values['data.image_size']}): evaluation resizes the "
-            "short side to it, then centre-crops image_size.")
+    require(
+        values["model.conv"] in models.CONV_FORMS,
+        "model.conv",
+        f"must be one of {models.CONV_FORMS}.",
+    )
+    require(
+        str(values["model.name"]).lower() in models.BACKBONES,
+        "model.name",
+        f"unknown backbone; known: {', '.join(models.BACKBONES)}.",
+    )
+    require(values["model.stem"] in models.STEMS, "model.stem", f"must be one of {models.STEMS}.")
+    require(
+        values["data.photometric"] in views.PHOTOMETRIC_MODES,
+        "data.photometric",
+        f"must be one of {views.PHOTOMETRIC_MODES}.",
+    )
+    require(
+        _is_number(values["data.min_crop_scale"]) and 0 < values["data.min_crop_scale"] <= 1,
+        "data.min_crop_scale",
+        "must be in (0, 1].",
+    )
+    require(
+        values["data.image_size"] >= views.MIN_IMAGE_SIZE,
+        "data.image_size",
+        f"must be at least {views.MIN_IMAGE_SIZE} px (the blur kernel's reflect padding needs it); "
+        "small images are upsampled by the crop's resize.",
+    )
+    require(
+        values["data.eval_resize"] >= values["data.image_size"],
+        "data.eval_resize",
+        f"must be >= data.image_size ({values['data.image_size']}): evaluation resizes the "
+        "short side to it, then centre-crops image_size.",
+    )
     for key in ("data.blur_probabilities", "data.solarize_probabilities"):
         probabilities = values[key]
-        require(isinstance(probabilities, (tuple, list)) and len(probabilities) == 2
-                and all(_is_number(p) and 0 <= p <= 1 for p in probabilities), key,
-                "must be two probabilities in [0, 1], for view A and view B.")
+        require(
+            isinstance(probabilities, (tuple, list))
+            and len(probabilities) == 2
+            and all(_is_number(p) and 0 <= p <= 1 for p in probabilities),
+            key,
+            "must be two probabilities in [0, 1], for view A and view B.",
+        )
     fractions = values["eval.label_fractions"]
-    require(isinstance(fractions, (tuple, list)) and len(fractions) > 0
-            and all(_is_number(f) and 0 < f <= 1 for f in fractions), "eval.label_fractions",
-            "must be a non-empty list of fractions in (0, 1], e.g. (0.01, 0.1).")
-    require(bool(values["eval.dataset"]) or not values["eval.data_dir"], "eval.data_dir",
-            "is set but eval.dataset is not: name the labelled dataset it holds "
-            "(--config.eval.dataset=folder, idx or a tfds name).")
+    require(
+        isinstance(fractions, (tuple, list))
+        and len(fractions) > 0
+        and all(_is_number(f) and 0 < f <= 1 for f in fractions),
+        "eval.label_fractions",
+        "must be a non-empty list of fractions in (0, 1], e.g. (0.01, 0.1).",
+    )
+    require(
+        bool(values["eval.dataset"]) or not values["eval.data_dir"],
+        "eval.data_dir",
+        "is set but eval.dataset is not: name the labelled dataset it holds "
+        "(--config.eval.dataset=folder, idx or a tfds name).",
+    )
     try:
         models.parse_spec(values["model.projector"])
     except ValueError as error:
-        raise ConfigError(f"config.model.projector={values['model.projector']!r}: {error}") from None
+        raise ConfigError(
+            f"config.model.projector={values['model.projector']!r}: {error}"
+        ) from None
     try:  # The optimiser's own checks (momentum, weight decay, trust coefficient, ...).
-        optim.lars(**config.optim, global_batch=config.batch_size, steps_per_epoch=1,
-                   num_epochs=config.num_epochs)
+        optim.lars(
+            **config.optim,
+            global_batch=config.batch_size,
+            steps_per_epoch=1,
+            num_epochs=config.num_epochs,
+        )
     except ValueError as error:
         raise ConfigError(f"config.optim: {error}") from None
 
@@ -248,11 +335,13 @@ def check_run(config: ml_collections.ConfigDict, *, device_count: int, num_train
         lower = max(device_count, batch // device_count * device_count)
         raise ConfigError(
             f"config.batch_size={batch}: the global batch must divide evenly over the "
-            f"{device_count} devices; use a multiple of {device_count}, e.g. {lower}.")
+            f"{device_count} devices; use a multiple of {device_count}, e.g. {lower}."
+        )
     if batch > num_train:
         raise ConfigError(
             f"config.batch_size={batch}: larger than the {num_train} training examples of "
-            f"{config.data.dataset!r}, so an epoch has no full batch; use at most {num_train}.")
+            f"{config.data.dataset!r}, so an epoch has no full batch; use at most {num_train}."
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,19 +349,31 @@ def check_run(config: ml_collections.ConfigDict, *, device_count: int, num_train
 
 # Where each key of the old flat config went.
 LEGACY_KEYS = {
-    "dataset": "data.dataset", "data_dir": "data.data_dir", "image_size": "data.image_size",
-    "eval_resize": "data.eval_resize", "min_crop_scale": "data.min_crop_scale",
+    "dataset": "data.dataset",
+    "data_dir": "data.data_dir",
+    "image_size": "data.image_size",
+    "eval_resize": "data.eval_resize",
+    "min_crop_scale": "data.min_crop_scale",
     "blur_probabilities": "data.blur_probabilities",
     "solarize_probabilities": "data.solarize_probabilities",
-    "model": "model.name", "stem": "model.stem", "width": "model.width",
-    "zero_init_residual": "model.zero_init_residual", "projector": "model.projector",
-    "dtype": "model.dtype", "lambd": "loss.lambd", "loss_method": "loss.method",
+    "model": "model.name",
+    "stem": "model.stem",
+    "width": "model.width",
+    "zero_init_residual": "model.zero_init_residual",
+    "projector": "model.projector",
+    "dtype": "model.dtype",
+    "lambd": "loss.lambd",
+    "loss_method": "loss.method",
     "learning_rate_weights": "optim.learning_rate_weights",
-    "learning_rate_biases": "optim.learning_rate_biases", "weight_decay": "optim.weight_decay",
-    "momentum": "optim.momentum", "trust_coefficient": "optim.trust_coefficient",
-    "warmup_epochs": "optim.warmup_epochs", "online_probe": "probe.enabled",
+    "learning_rate_biases": "optim.learning_rate_biases",
+    "weight_decay": "optim.weight_decay",
+    "momentum": "optim.momentum",
+    "trust_coefficient": "optim.trust_coefficient",
+    "warmup_epochs": "optim.warmup_epochs",
+    "online_probe": "probe.enabled",
     "probe_learning_rate": "probe.learning_rate",
-    "checkpoint_every_steps": "checkpoint.every_steps", "keep_checkpoints": "checkpoint.keep",
+    "checkpoint_every_steps": "checkpoint.every_steps",
+    "keep_checkpoints": "checkpoint.keep",
     "log_every_steps": "logging.every_steps",
     "correlation_image_dims": "logging.correlation_image_dims",
 }
@@ -312,12 +413,14 @@ def from_saved(saved: Mapping[str, Any], *, where: str) -> ml_collections.Config
         if key not in defaults:
             raise ConfigError(
                 f"{where} has config.{key}, which this version of bt_jax does not know. Use "
-                "the bt_jax version that wrote the run, or remove the key from the file.")
+                "the bt_jax version that wrote the run, or remove the key from the file."
+            )
         try:
             set_dotted(config, key, value)
         except (TypeError, ValueError) as error:
-            raise ConfigError(f"{where}: config.{key}={value!r} does not fit the schema "
-                              f"({error}).") from None
+            raise ConfigError(
+                f"{where}: config.{key}={value!r} does not fit the schema ({error})."
+            ) from None
     return config
 
 

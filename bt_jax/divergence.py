@@ -15,7 +15,8 @@ checkpoint, so each retained checkpoint is one that every step up to it passed:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +32,9 @@ class DivergenceError(errors.Error):
     """Training diverged; the last good checkpoint is left as it was."""
 
 
-def check_metrics(step: int, metrics: dict, embedding_dim: int,
-                  last_good: Callable[[], str]) -> None:
+def check_metrics(
+    step: int, metrics: dict, embedding_dim: int, last_good: Callable[[], str]
+) -> None:
     """DivergenceError for a non-finite loss or the collapse signature at ``step``.
 
     metrics: host values {"loss", "invariance", "redundancy", ...}; last_good() says what to tell
@@ -43,14 +45,18 @@ def check_metrics(step: int, metrics: dict, embedding_dim: int,
     if not np.isfinite(loss):
         raise DivergenceError(
             f"The loss is {loss} at step {step}. Training stopped; {last_good()}. Lower "
-            "the learning rate, or use model.dtype=float32 if you trained in reduced precision.")
+            "the learning rate, or use model.dtype=float32 if you trained in reduced precision."
+        )
     invariance, redundancy = metrics["invariance"], metrics["redundancy"]
-    if (abs(invariance - embedding_dim) <= COLLAPSE_TOLERANCE * embedding_dim
-            and redundancy <= COLLAPSE_TOLERANCE):
+    if (
+        abs(invariance - embedding_dim) <= COLLAPSE_TOLERANCE * embedding_dim
+        and redundancy <= COLLAPSE_TOLERANCE
+    ):
         raise DivergenceError(
             f"The embeddings are constant over the batch at step {step} (the cross-correlation "
             f"is all zero: invariance {invariance:.6g} = D, redundancy {redundancy:.3g}): the "
-            f"run collapsed or diverged. Training stopped; {last_good()}. Lower the learning rate.")
+            f"run collapsed or diverged. Training stopped; {last_good()}. Lower the learning rate."
+        )
 
 
 @jax.jit
@@ -66,4 +72,5 @@ def check_state(step: int, largest: float, last_good: Callable[[], str]) -> None
         raise DivergenceError(
             f"The training state after step {step} has diverged (largest magnitude {largest:.3g}"
             f"{'' if np.isfinite(largest) else ', not finite'}). Training stopped before saving "
-            f"it; {last_good()}. Lower the learning rate.")
+            f"it; {last_good()}. Lower the learning rate."
+        )

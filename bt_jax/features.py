@@ -10,15 +10,15 @@ another evaluates (which a pod's shutdown barrier would not survive).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bt_jax import data
-from bt_jax import parallel
+from bt_jax import data, parallel
 from bt_jax.data import photometric
 
 EVAL_BATCH_SIZE = 256  # examples per global batch (rounded up to a multiple of the devices)
@@ -32,9 +32,17 @@ def eval_batch_size(device_count: int, wanted: int = EVAL_BATCH_SIZE) -> int:
     return -(-wanted // device_count) * device_count
 
 
-def map_split(fn: ExampleFn, variables: Any, source: data.Source, *, split: str,
-              image_size: int, resize_size: int, mesh: jax.sharding.Mesh,
-              batch_size: int = EVAL_BATCH_SIZE) -> tuple[np.ndarray, np.ndarray]:
+def map_split(
+    fn: ExampleFn,
+    variables: Any,
+    source: data.Source,
+    *,
+    split: str,
+    image_size: int,
+    resize_size: int,
+    mesh: jax.sharding.Mesh,
+    batch_size: int = EVAL_BATCH_SIZE,
+) -> tuple[np.ndarray, np.ndarray]:
     """``fn`` on every example of ``split`` (evaluation transform), on every device.
 
     variables: replicated global arrays (the trainer's state) or host values (a checkpoint).
@@ -44,10 +52,15 @@ def map_split(fn: ExampleFn, variables: Any, source: data.Source, *, split: str,
     variables = parallel.replicate(variables, mesh)
     forward = _compiled(fn, mesh)
     outputs, labels = [], []
-    for local in data.eval_batches(source, split=split, batch_size=batch_size,
-                                   image_size=image_size, resize_size=resize_size,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count()):
+    for local in data.eval_batches(
+        source,
+        split=split,
+        batch_size=batch_size,
+        image_size=image_size,
+        resize_size=resize_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    ):
         batch = parallel.global_batch(local, mesh)
         out, label, mask = parallel.gather_to_host(forward(variables, batch))
         outputs.append(out[mask])
@@ -69,8 +82,9 @@ def _compiled(fn: ExampleFn, mesh: jax.sharding.Mesh) -> Callable:
             return fn(variables, images), batch["label"], batch["mask"]
 
         _COMPILED[key] = parallel.CompiledOnce(
-            jax.jit(forward, in_shardings=(parallel.replicated(mesh), split),
-                    out_shardings=split), f"features of {type(fn).__name__}")
+            jax.jit(forward, in_shardings=(parallel.replicated(mesh), split), out_shardings=split),
+            f"features of {type(fn).__name__}",
+        )
     return _COMPILED[key]
 
 
@@ -91,9 +105,23 @@ class Representation:
         return isinstance(other, Representation) and other.module == self.module
 
 
-def representations(module: nn.Module, variables: Any, source: data.Source, *, split: str,
-                    image_size: int, resize_size: int,
-                    mesh: jax.sharding.Mesh) -> tuple[np.ndarray, np.ndarray]:
+def representations(
+    module: nn.Module,
+    variables: Any,
+    source: data.Source,
+    *,
+    split: str,
+    image_size: int,
+    resize_size: int,
+    mesh: jax.sharding.Mesh,
+) -> tuple[np.ndarray, np.ndarray]:
     """(features float32 [N, F], labels int32 [N]) of a backbone on ``split``, every process."""
-    return map_split(Representation(module), variables, source, split=split,
-                     image_size=image_size, resize_size=resize_size, mesh=mesh)
+    return map_split(
+        Representation(module),
+        variables,
+        source,
+        split=split,
+        image_size=image_size,
+        resize_size=resize_size,
+        mesh=mesh,
+    )

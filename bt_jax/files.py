@@ -74,7 +74,8 @@ def read_json(path: epath.PathLike) -> Any:
     except json.JSONDecodeError as error:
         raise StorageError(
             f"{path} is not valid JSON ({error.msg} at line {error.lineno}): it is truncated or "
-            "was edited by hand. Restore it, or delete it to let bt_jax write a new one.") from None
+            "was edited by hand. Restore it, or delete it to let bt_jax write a new one."
+        ) from None
 
 
 def check_usable(path: epath.PathLike, *, what: str) -> epath.Path:
@@ -95,22 +96,28 @@ def check_usable(path: epath.PathLike, *, what: str) -> epath.Path:
                 raise StorageError(
                     f"{what} {os.fspath(path)!r}: the bucket {os.fspath(bucket)} does not exist "
                     "or is not visible with these credentials. Create it, or check its name and "
-                    "the credentials (gcloud auth application-default login).")
+                    "the credentials (gcloud auth application-default login)."
+                )
         path.exists()
     except StorageError:
         raise
     except Exception as error:  # noqa: BLE001 - TensorFlow and fsspec raise their own types
         scheme = os.fspath(path).split("://", 1)[0] if is_remote(path) else "file"
-        no_filesystem = (isinstance(error, (ImportError, NotImplementedError, KeyError))
-                         or "Unimplemented" in type(error).__name__)
+        no_filesystem = (
+            isinstance(error, (ImportError, NotImplementedError, KeyError))
+            or "Unimplemented" in type(error).__name__
+        )
         if no_filesystem:
             raise StorageError(
                 f"{what} {os.fspath(path)!r}: no filesystem for '{scheme}://' is installed. For "
                 "gs:// TensorFlow or gcsfs serves it; for other schemes install the fsspec "
-                "package that does (e.g. s3fs).") from None
+                "package that does (e.g. s3fs)."
+            ) from None
         reason = getattr(error, "strerror", None) or getattr(error, "message", None) or error
-        raise StorageError(f"{what} {os.fspath(path)!r} cannot be reached: {reason}. Check the "
-                           "bucket's name, your credentials and the network.") from None
+        raise StorageError(
+            f"{what} {os.fspath(path)!r} cannot be reached: {reason}. Check the "
+            "bucket's name, your credentials and the network."
+        ) from None
     # Absolute on a local disk: orbax refuses relative checkpoint paths, and a relative path
     # would change meaning with the working directory.
     return path if is_remote(path) else path.absolute()
@@ -122,8 +129,10 @@ def check_writable_directory(path: epath.PathLike, *, what: str) -> epath.Path:
     path = check_usable(path, what=what)
     try:
         if path.exists() and not path.is_dir():
-            raise StorageError(f"{what} {path} is a file, not a directory. Pass a directory "
-                               "(it is created if missing).")
+            raise StorageError(
+                f"{what} {path} is a file, not a directory. Pass a directory "
+                "(it is created if missing)."
+            )
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".bt_jax_write_check_{uuid.uuid4().hex[:8]}"
         probe.write_text("ok")
@@ -134,5 +143,6 @@ def check_writable_directory(path: epath.PathLike, *, what: str) -> epath.Path:
         reason = getattr(error, "strerror", None) or str(error)
         raise StorageError(
             f"{what} {path} is not writable: {reason}. Check the path, its permissions and "
-            "the free space, or pass another one.") from None
+            "the free space, or pass another one."
+        ) from None
     return path

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from absl import logging
 
@@ -49,8 +49,9 @@ class Interrupts:
         del frame
         if self.phase == TRAINING:
             if self.signal is None:
-                logging.warning("Signal %d: saving a checkpoint and stopping after this step.",
-                                signum)
+                logging.warning(
+                    "Signal %d: saving a checkpoint and stopping after this step.", signum
+                )
             self.signal = signum
             if self.distributed and signum == signal.SIGINT:
                 os.kill(os.getpid(), signal.SIGTERM)  # JAX's notifier: every process agrees
@@ -59,8 +60,11 @@ class Interrupts:
 
     def _exit_now(self, signum: int) -> None:
         name = signal.Signals(signum).name
-        where = {STARTUP: "during start-up", TRAINING: "at the end of training",
-                 EVALUATION: "during the end-of-run evaluation"}
+        where = {
+            STARTUP: "during start-up",
+            TRAINING: "at the end of training",
+            EVALUATION: "during the end-of-run evaluation",
+        }
         sys.stderr.write(f"stopped by {name} {where[self.phase]}: {self.exit_message}.\n")
         sys.stderr.flush()
         for cleanup in self.on_exit:

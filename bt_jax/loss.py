@@ -84,25 +84,30 @@ def _validate(z_a, z_b, *, method: str, eps, axis_name) -> tuple[jax.Array, jax.
     for name, z in (("z_a", z_a), ("z_b", z_b)):
         if z.ndim != 2:
             raise LossError(
-                    f"{name} must be a 2-D array of embeddings [batch, embedding_dim]; got shape "
-                    f"{z.shape}. Flatten or pool your features first.")
+                f"{name} must be a 2-D array of embeddings [batch, embedding_dim]; got shape "
+                f"{z.shape}. Flatten or pool your features first."
+            )
         if not jnp.issubdtype(z.dtype, jnp.floating):
             raise LossError(
-                    f"{name} must be floating point (float32, bfloat16, float16, float64); got "
-                    f"{z.dtype}. Cast the embeddings, e.g. z.astype(jnp.float32).")
+                f"{name} must be floating point (float32, bfloat16, float16, float64); got "
+                f"{z.dtype}. Cast the embeddings, e.g. z.astype(jnp.float32)."
+            )
     if z_a.shape != z_b.shape:
         raise LossError(
-                f"z_a and z_b must have the same shape [batch, embedding_dim]; got {z_a.shape} "
-                f"and {z_b.shape}. They are the embeddings of two views of the same images.")
+            f"z_a and z_b must have the same shape [batch, embedding_dim]; got {z_a.shape} "
+            f"and {z_b.shape}. They are the embeddings of two views of the same images."
+        )
     if method not in METHODS:
         raise LossError(f"method must be one of {METHODS}; got {method!r}.")
     _check_finite_non_negative(
-            "eps", eps, "It is added to each dimension's variance; BatchNorm1d's is 1e-5.")
+        "eps", eps, "It is added to each dimension's variance; BatchNorm1d's is 1e-5."
+    )
     global_batch = z_a.shape[0] * _num_shards(axis_name)
     if global_batch < 2:
         raise LossError(
-                f"The global batch has {global_batch} example(s); the cross-correlation needs at "
-                "least 2 to standardise each dimension. Use a larger batch.")
+            f"The global batch has {global_batch} example(s); the cross-correlation needs at "
+            "least 2 to standardise each dimension. Use a larger batch."
+        )
     return z_a, z_b, global_batch
 
 
@@ -112,8 +117,9 @@ def _as_array(name: str, z) -> jax.Array:
         return jnp.asarray(z)
     except (TypeError, ValueError) as error:
         raise LossError(
-                f"{name} must be an array of embeddings [batch, embedding_dim]; got a "
-                f"{type(z).__name__} that is not one ({error}).") from None
+            f"{name} must be an array of embeddings [batch, embedding_dim]; got a "
+            f"{type(z).__name__} that is not one ({error})."
+        ) from None
 
 
 def _check_finite_non_negative(name: str, value, hint: str) -> None:
@@ -206,7 +212,7 @@ def _global_standardized(z_a, z_b, axis_name, eps):
 
 
 def _dimension_block(
-        z: jax.Array, num_shards: int, shard_index
+    z: jax.Array, num_shards: int, shard_index
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """This shard's block of embedding dimensions.
 
@@ -271,13 +277,13 @@ def choose_method(global_batch: int, embedding_dim: int) -> str:
 
 
 def barlow_twins_terms(
-        z_a: jax.Array,
-        z_b: jax.Array,
-        *,
-        axis_name=None,
-        method: str = "auto",
-        eps: float = 1e-5,
-        precision=lax.Precision.HIGHEST,
+    z_a: jax.Array,
+    z_b: jax.Array,
+    *,
+    axis_name=None,
+    method: str = "auto",
+    eps: float = 1e-5,
+    precision=lax.Precision.HIGHEST,
 ) -> BarlowTwinsTerms:
     """Both terms of the Barlow Twins objective over the global batch, in float32.
 
@@ -290,11 +296,26 @@ def barlow_twins_terms(
         # Explicit-sharding meshes (jax.make_mesh's default) reject matmuls whose output
         # sharding is ambiguous; let the compiler choose inside, as in GSPMD, and return a
         # replicated scalar.
-        terms = functools.partial(_terms, method=method, eps=eps, precision=precision,
-                                  axis_name=None, global_batch=global_batch)
+        terms = functools.partial(
+            _terms,
+            method=method,
+            eps=eps,
+            precision=precision,
+            axis_name=None,
+            global_batch=global_batch,
+        )
         return BarlowTwinsTerms(*jax.sharding.auto_axes(terms, out_sharding=P())(z_a, z_b))
-    return BarlowTwinsTerms(*_terms(z_a, z_b, method=method, eps=eps, precision=precision,
-                                    axis_name=axis_name, global_batch=global_batch))
+    return BarlowTwinsTerms(
+        *_terms(
+            z_a,
+            z_b,
+            method=method,
+            eps=eps,
+            precision=precision,
+            axis_name=axis_name,
+            global_batch=global_batch,
+        )
+    )
 
 
 def _has_explicit_sharding(*arrays) -> bool:
@@ -315,15 +336,15 @@ def _terms(z_a, z_b, *, method, eps, precision, axis_name, global_batch):
 
 
 def barlow_twins_loss(
-        z_a: jax.Array,
-        z_b: jax.Array,
-        *,
-        lambd: float = DEFAULT_LAMBD,
-        axis_name=None,
-        method: str = "auto",
-        eps: float = 1e-5,
-        precision=lax.Precision.HIGHEST,
-        return_terms: bool = False,
+    z_a: jax.Array,
+    z_b: jax.Array,
+    *,
+    lambd: float = DEFAULT_LAMBD,
+    axis_name=None,
+    method: str = "auto",
+    eps: float = 1e-5,
+    precision=lax.Precision.HIGHEST,
+    return_terms: bool = False,
 ):
     """The Barlow Twins loss of two views' embeddings over the global batch.
 
@@ -364,21 +385,24 @@ def barlow_twins_loss(
     yields gradients divided by the number of GPUs.
     """
     _check_finite_non_negative(
-            "lambd", lambd,
-            f"It weighs the redundancy-reduction term; the official value is {DEFAULT_LAMBD}.")
+        "lambd",
+        lambd,
+        f"It weighs the redundancy-reduction term; the official value is {DEFAULT_LAMBD}.",
+    )
     terms = barlow_twins_terms(
-            z_a, z_b, axis_name=axis_name, method=method, eps=eps, precision=precision)
+        z_a, z_b, axis_name=axis_name, method=method, eps=eps, precision=precision
+    )
     loss = terms.invariance + lambd * terms.redundancy
     return (loss, terms) if return_terms else loss
 
 
 def cross_correlation(
-        z_a: jax.Array,
-        z_b: jax.Array,
-        *,
-        axis_name=None,
-        eps: float = 1e-5,
-        precision=lax.Precision.HIGHEST,
+    z_a: jax.Array,
+    z_b: jax.Array,
+    *,
+    axis_name=None,
+    eps: float = 1e-5,
+    precision=lax.Precision.HIGHEST,
 ) -> jax.Array:
     """The cross-correlation matrix C of the global batch: [D, D] float32, entries in [-1, 1].
 
@@ -386,8 +410,7 @@ def cross_correlation(
     whole matrix, so this costs O(N D^2) per device: use it for logging and pictures; the loss
     itself never needs it (:func:`barlow_twins_loss`).
     """
-    z_a, z_b, global_batch = _validate(z_a, z_b, method="dense", eps=eps,
-                                       axis_name=axis_name)
+    z_a, z_b, global_batch = _validate(z_a, z_b, method="dense", eps=eps, axis_name=axis_name)
     return _cross_correlation(z_a, z_b, eps=eps, precision=precision, axis_name=axis_name)
 
 
@@ -398,12 +421,12 @@ def _cross_correlation(z_a, z_b, *, eps, precision, axis_name):
 
 
 __all__ = [
-        "BarlowTwinsTerms",
-        "DEFAULT_LAMBD",
-        "LossError",
-        "METHODS",
-        "barlow_twins_loss",
-        "barlow_twins_terms",
-        "choose_method",
-        "cross_correlation",
+    "BarlowTwinsTerms",
+    "DEFAULT_LAMBD",
+    "LossError",
+    "METHODS",
+    "barlow_twins_loss",
+    "barlow_twins_terms",
+    "choose_method",
+    "cross_correlation",
 ]

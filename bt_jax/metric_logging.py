@@ -23,7 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from absl import logging
@@ -73,7 +73,8 @@ class _TensorBoard:
 
     def _open(self):
         self.writer = metric_writers.create_default_writer(
-            self._staging if self.remote else str(self.workdir), asynchronous=False)
+            self._staging if self.remote else str(self.workdir), asynchronous=False
+        )
 
     def upload(self) -> None:
         """Sends what was written since the last upload as new event file(s) (remote only)."""
@@ -103,8 +104,13 @@ class _Progress:
         if sys.stderr.isatty():
             import tqdm
 
-            self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step",
-                                  dynamic_ncols=True, mininterval=1.0)
+            self._bar = tqdm.tqdm(
+                total=total_steps,
+                initial=initial_step,
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=1.0,
+            )
 
     def advance(self) -> None:
         self.step += 1
@@ -125,7 +131,8 @@ class _Progress:
         rate = values.get("images_per_second", float("nan"))
         sys.stderr.write(
             f"step {self.step}/{self.total} (epoch {epoch:.2f}) loss {values['loss']:.6g} "
-            f"images/s {rate:.1f} ETA {_duration(eta)}\n")
+            f"images/s {rate:.1f} ETA {_duration(eta)}\n"
+        )
         sys.stderr.flush()
 
     def close(self) -> None:
@@ -142,8 +149,15 @@ def _duration(seconds: float) -> str:
 class MetricLogger:
     """Scalars to TensorBoard and the metrics history; the C image; progress."""
 
-    def __init__(self, workdir: epath.PathLike, *, total_steps: int, initial_step: int,
-                 steps_per_epoch: int, enabled: bool):
+    def __init__(
+        self,
+        workdir: epath.PathLike,
+        *,
+        total_steps: int,
+        initial_step: int,
+        steps_per_epoch: int,
+        enabled: bool,
+    ):
         self.enabled = enabled
         if not enabled:
             return
@@ -168,8 +182,9 @@ class MetricLogger:
         values = {key: float(value) for key, value in values.items()}
         self._tensorboard.writer.write_scalars(step, values)
         self._pending.append({"step": int(step), **values})
-        files.write_text(self.metrics_dir / LATEST,
-                         "".join(json.dumps(r) + "\n" for r in self._pending))
+        files.write_text(
+            self.metrics_dir / LATEST, "".join(json.dumps(r) + "\n" for r in self._pending)
+        )
         self._progress.report(values)
 
     def advance(self) -> None:
@@ -189,11 +204,14 @@ class MetricLogger:
             return
         done = [r for r in self._pending if r["step"] <= step]
         if done:
-            files.write_text(self.metrics_dir / _chunk_name(done[0]["step"], step),
-                             "".join(json.dumps(r) + "\n" for r in done))
+            files.write_text(
+                self.metrics_dir / _chunk_name(done[0]["step"], step),
+                "".join(json.dumps(r) + "\n" for r in done),
+            )
         self._pending = [r for r in self._pending if r["step"] > step]
-        files.write_text(self.metrics_dir / LATEST,
-                         "".join(json.dumps(r) + "\n" for r in self._pending))
+        files.write_text(
+            self.metrics_dir / LATEST, "".join(json.dumps(r) + "\n" for r in self._pending)
+        )
         self._tensorboard.upload()
 
     def close(self) -> None:

@@ -162,7 +162,8 @@ def learning_rate_schedule(
     )
     if final_fraction > 1.0:
         raise ValueError(
-            f"final_fraction must be in [0, 1], got {final_fraction!r}; the official value is 0.001."
+            f"final_fraction must be in [0, 1], got {final_fraction!r}; "
+            "the official value is 0.001."
         )
 
     peak = base_learning_rate * global_batch / 256.0
@@ -315,8 +316,12 @@ def current_learning_rates(
     scalars under ``jit``.
     """
     del unused_lars_options
-    sizes = dict(global_batch=global_batch, steps_per_epoch=steps_per_epoch,
-                 num_epochs=num_epochs, warmup_epochs=warmup_epochs)
+    sizes = dict(
+        global_batch=global_batch,
+        steps_per_epoch=steps_per_epoch,
+        num_epochs=num_epochs,
+        warmup_epochs=warmup_epochs,
+    )
     rates = {
         "lr_weights": learning_rate_schedule(learning_rate_weights, **sizes)(step),
         "lr_biases": learning_rate_schedule(learning_rate_biases, **sizes)(step),

@@ -20,7 +20,8 @@ processes' devices, which only works on one host.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -37,8 +38,9 @@ StepFn = Callable[[Any, Any, jax.Array], tuple[Any, Any]]
 def device_mesh(devices=None) -> jax.sharding.Mesh:
     """A 1-D mesh over ``devices`` (default every device of every process, in process order)."""
     devices = jax.devices() if devices is None else list(devices)
-    return jax.make_mesh((len(devices),), (AXIS,), devices=devices,
-                         axis_types=(jax.sharding.AxisType.Auto,))
+    return jax.make_mesh(
+        (len(devices),), (AXIS,), devices=devices, axis_types=(jax.sharding.AxisType.Auto,)
+    )
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -53,8 +55,10 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> di
     """This process's rows ``{key: [local_batch, ...]}`` -> one global array per key, sharded over
     the mesh; process p's rows are global rows ``[p * local_batch, (p + 1) * local_batch)``."""
     sharding = batch_sharded(mesh)
-    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-            for key, value in local.items()}
+    return {
+        key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+        for key, value in local.items()
+    }
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -87,8 +91,9 @@ def shard(tree: Any, sharding: NamedSharding) -> Any:
     return jax.tree.map(place, tree)
 
 
-def map_step(fn: StepFn, mesh: jax.sharding.Mesh, parallelism: str = "shard_map", *,
-             donate: bool = True) -> StepFn:
+def map_step(
+    fn: StepFn, mesh: jax.sharding.Mesh, parallelism: str = "shard_map", *, donate: bool = True
+) -> StepFn:
     """``fn(state, batch, rng)`` per device -> a function of the global arrays.
 
     ``state`` and ``rng`` are replicated, ``batch`` is split along its first axis; ``fn``'s
@@ -97,8 +102,10 @@ def map_step(fn: StepFn, mesh: jax.sharding.Mesh, parallelism: str = "shard_map"
     """
     if parallelism == "shard_map":
         mapped = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P())
-        return CompiledOnce(jax.jit(mapped, donate_argnums=(0,) if donate else ()),
-                            getattr(fn, "__name__", None) or getattr(fn, "func").__name__)
+        return CompiledOnce(
+            jax.jit(mapped, donate_argnums=(0,) if donate else ()),
+            getattr(fn, "__name__", None) or fn.func.__name__,
+        )
     if parallelism == "pmap":
         return _pmap_adapter(fn, mesh, donate)
     raise ValueError(f"parallelism must be one of {PARALLELISM}; got {parallelism!r}.")
@@ -106,8 +113,13 @@ def map_step(fn: StepFn, mesh: jax.sharding.Mesh, parallelism: str = "shard_map"
 
 def _pmap_adapter(fn: StepFn, mesh: jax.sharding.Mesh, donate: bool) -> StepFn:
     local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    pmapped = jax.pmap(fn, axis_name=AXIS, in_axes=(0, 0, None), devices=local_devices,
-                       donate_argnums=(0,) if donate else ())
+    pmapped = jax.pmap(
+        fn,
+        axis_name=AXIS,
+        in_axes=(0, 0, None),
+        devices=local_devices,
+        donate_argnums=(0,) if donate else (),
+    )
     stacked = NamedSharding(jax.sharding.Mesh(np.array(local_devices), ("local",)), P("local"))
 
     def to_pmap(x: jax.Array) -> jax.Array:
@@ -121,12 +133,12 @@ def _pmap_adapter(fn: StepFn, mesh: jax.sharding.Mesh, donate: bool) -> StepFn:
     def from_pmap(x: jax.Array) -> jax.Array:
         # pmap's per-device copies (all equal) -> one replicated global array.
         pieces = [s.data[0] for s in x.addressable_shards]
-        return jax.make_array_from_single_device_arrays(pieces[0].shape, replicated(mesh),
-                                                        pieces)
+        return jax.make_array_from_single_device_arrays(pieces[0].shape, replicated(mesh), pieces)
 
     def step(state, batch, rng):
-        new_state, outputs = pmapped(jax.tree.map(to_pmap, state), jax.tree.map(to_pmap, batch),
-                                     rng)
+        new_state, outputs = pmapped(
+            jax.tree.map(to_pmap, state), jax.tree.map(to_pmap, batch), rng
+        )
         return jax.tree.map(from_pmap, (new_state, outputs))
 
     return step
@@ -146,9 +158,11 @@ def barrier(name: str) -> None:
         return
     from orbax.checkpoint import multihost
 
-    multihost.sync_global_processes(f"bt_jax:{name}:{next(_barriers)}",
-                                    timeout=BARRIER_TIMEOUT_SECONDS,
-                                    processes=set(range(jax.process_count())))
+    multihost.sync_global_processes(
+        f"bt_jax:{name}:{next(_barriers)}",
+        timeout=BARRIER_TIMEOUT_SECONDS,
+        processes=set(range(jax.process_count())),
+    )
 
 
 class CompiledOnce:
@@ -161,8 +175,13 @@ class CompiledOnce:
 
     def __call__(self, *args):
         leaves, treedef = jax.tree.flatten(args)
-        signature = (treedef, tuple((np.shape(x), getattr(x, "dtype", type(x)),
-                                     getattr(x, "sharding", None)) for x in leaves))
+        signature = (
+            treedef,
+            tuple(
+                (np.shape(x), getattr(x, "dtype", type(x)), getattr(x, "sharding", None))
+                for x in leaves
+            ),
+        )
         compiled = self._compiled.get(signature)
         if compiled is None:
             compiled = self._compiled[signature] = self._jitted.lower(*args).compile()
@@ -172,13 +191,15 @@ class CompiledOnce:
 
 def to_host(tree: Any) -> Any:
     """Numpy copies, on every process, of replicated global arrays (this process's copy)."""
+
     def fetch(x):
         if not isinstance(x, jax.Array):
             return np.asarray(x)
         if not x.is_fully_replicated:
             raise ValueError(
                 f"to_host reads replicated arrays; this one has sharding {x.sharding}. Use "
-                "gather_to_host for arrays split over processes.")
+                "gather_to_host for arrays split over processes."
+            )
         return np.asarray(x.addressable_data(0))
 
     return jax.tree.map(fetch, tree)
@@ -194,10 +215,12 @@ def gather_to_host(tree: Any) -> Any:
 HEARTBEAT_TIMEOUT_SECONDS = 60
 
 
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None,
-                           process_id: int | None = None,
-                           heartbeat_timeout_seconds: int = HEARTBEAT_TIMEOUT_SECONDS) -> None:
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    heartbeat_timeout_seconds: int = HEARTBEAT_TIMEOUT_SECONDS,
+) -> None:
     """``jax.distributed.initialize`` (one process per host); on CPU the cross-process
     collectives go through gloo. Without arguments, JAX reads them from the cluster (Cloud TPU,
     SLURM, Open MPI, Kubernetes JobSet environments).
@@ -209,9 +232,12 @@ def initialize_distributed(coordinator_address: str | None = None,
     # Only the CPU backend reads this; harmless where the devices are accelerators.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     _use_coordination_barriers_in_orbax()
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id,
-                               heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+    )
 
 
 def _use_coordination_barriers_in_orbax() -> None:

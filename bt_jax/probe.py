@@ -31,8 +31,10 @@ def init_params(num_features: int, num_classes: int | None) -> dict:
     """{"kernel": zeros [F, C], "bias": zeros [C]}, or {} (no probe) when num_classes is None."""
     if not num_classes:
         return {}
-    return {"kernel": jnp.zeros((num_features, num_classes), jnp.float32),
-            "bias": jnp.zeros((num_classes,), jnp.float32)}
+    return {
+        "kernel": jnp.zeros((num_features, num_classes), jnp.float32),
+        "bias": jnp.zeros((num_classes,), jnp.float32),
+    }
 
 
 def logits(params: dict, representation: jax.Array) -> jax.Array:
@@ -40,8 +42,15 @@ def logits(params: dict, representation: jax.Array) -> jax.Array:
     return representation @ params["kernel"] + params["bias"]
 
 
-def step(params: dict, opt_state, representation: jax.Array, labels: jax.Array, *,
-         tx: optax.GradientTransformation, axis_name: str):
+def step(
+    params: dict,
+    opt_state,
+    representation: jax.Array,
+    labels: jax.Array,
+    *,
+    tx: optax.GradientTransformation,
+    axis_name: str,
+):
     """One SGD step over the global batch, per device inside ``shard_map`` / ``pmap``.
 
     representation: [n, F] (its gradient is stopped); labels: int32 [n], -1 where unknown.
@@ -54,8 +63,9 @@ def step(params: dict, opt_state, representation: jax.Array, labels: jax.Array, 
 
     def loss_fn(p):
         batch_logits = logits(p, representation)
-        losses = optax.softmax_cross_entropy_with_integer_labels(batch_logits,
-                                                                  jnp.maximum(labels, 0))
+        losses = optax.softmax_cross_entropy_with_integer_labels(
+            batch_logits, jnp.maximum(labels, 0)
+        )
         # psum makes it the global mean, so the same pmean recipe as the main loss applies.
         return lax.psum(jnp.sum(jnp.where(known, losses, 0.0)), axis_name) / count, batch_logits
 
@@ -64,8 +74,11 @@ def step(params: dict, opt_state, representation: jax.Array, labels: jax.Array, 
     updates, opt_state = tx.update(grads, opt_state, params)
     correct = jnp.sum(jnp.where(known, jnp.argmax(batch_logits, -1) == labels, False))
     accuracy = lax.psum(correct, axis_name) / count
-    return optax.apply_updates(params, updates), opt_state, {
-        "probe_loss": loss, "probe_train_accuracy": accuracy}
+    return (
+        optax.apply_updates(params, updates),
+        opt_state,
+        {"probe_loss": loss, "probe_train_accuracy": accuracy},
+    )
 
 
 class _Prediction:
@@ -85,17 +98,28 @@ class _Prediction:
         return isinstance(other, _Prediction) and other.backbone == self.backbone
 
 
-def test_accuracy(backbone, state: Any, source, *, image_size: int, resize_size: int,
-                  mesh: jax.sharding.Mesh) -> float:
+def test_accuracy(
+    backbone, state: Any, source, *, image_size: int, resize_size: int, mesh: jax.sharding.Mesh
+) -> float:
     """The probe's top-1 on the test split of ``source`` (evaluation transform), computed on
     every device of every process (``bt_jax.features``); the same on every process."""
-    variables = {"backbone": {"params": state.params["backbone"],
-                              "batch_stats": state.batch_stats["backbone"]},
-                 "probe": state.probe_params}
+    variables = {
+        "backbone": {
+            "params": state.params["backbone"],
+            "batch_stats": state.batch_stats["backbone"],
+        },
+        "probe": state.probe_params,
+    }
     from bt_jax import features  # reads the test split: the input pipeline, TensorFlow
 
     predictions, labels = features.map_split(
-        _Prediction(backbone.clone(axis_name=None)), variables, source, split="test",
-        image_size=image_size, resize_size=resize_size, mesh=mesh)
+        _Prediction(backbone.clone(axis_name=None)),
+        variables,
+        source,
+        split="test",
+        image_size=image_size,
+        resize_size=resize_size,
+        mesh=mesh,
+    )
     known = labels >= 0
     return float(np.mean(predictions[known] == labels[known])) if np.any(known) else float("nan")

@@ -14,9 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bt_jax import models
-from bt_jax import optim
-from bt_jax import probe
+from bt_jax import models, optim, probe
 from bt_jax.parallel import AXIS
 
 if TYPE_CHECKING:  # the step imports TrainState; it must run where ml_collections is not installed
@@ -33,45 +31,67 @@ class TrainState:
     probe_opt_state: Any
 
 
-def build_model(config: ml_collections.ConfigDict,
-                axis_name: str | None = AXIS) -> models.BarlowTwinsModel:
+def build_model(
+    config: ml_collections.ConfigDict, axis_name: str | None = AXIS
+) -> models.BarlowTwinsModel:
     """Backbone + projector; with ``axis_name`` every BatchNorm uses global-batch statistics
     (the official SyncBatchNorm)."""
     return models.create_model(**config.model, axis_name=axis_name)
 
 
-def build_optimizer(config: ml_collections.ConfigDict,
-                    steps_per_epoch: int) -> optax.GradientTransformation:
+def build_optimizer(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.GradientTransformation:
     """The official LARS recipe of ``config.optim`` over this run's schedule."""
-    return optim.lars(**config.optim, global_batch=config.batch_size,
-                      steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs)
+    return optim.lars(
+        **config.optim,
+        global_batch=config.batch_size,
+        steps_per_epoch=steps_per_epoch,
+        num_epochs=config.num_epochs,
+    )
 
 
-def learning_rates(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                   step: Any) -> dict[str, Any]:
+def learning_rates(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, step: Any
+) -> dict[str, Any]:
     """{"lr_weights", "lr_biases"} applied at optimiser step ``step`` (for logging)."""
-    return optim.current_learning_rates(**config.optim, global_batch=config.batch_size,
-                                        steps_per_epoch=steps_per_epoch,
-                                        num_epochs=config.num_epochs, step=step)
+    return optim.current_learning_rates(
+        **config.optim,
+        global_batch=config.batch_size,
+        steps_per_epoch=steps_per_epoch,
+        num_epochs=config.num_epochs,
+        step=step,
+    )
 
 
-def init_state(config: ml_collections.ConfigDict, model: models.BarlowTwinsModel,
-               tx: optax.GradientTransformation, num_classes: int | None = None) -> TrainState:
+def init_state(
+    config: ml_collections.ConfigDict,
+    model: models.BarlowTwinsModel,
+    tx: optax.GradientTransformation,
+    num_classes: int | None = None,
+) -> TrainState:
     """The step-0 state from ``config.seed``; pure, so ``jit`` places it wherever asked.
 
     num_classes: the online probe's classes; None (no labels, or ``probe.enabled=False``)
     trains no probe.
     """
-    init_model = model.clone(backbone=model.backbone.clone(axis_name=None),
-                             projector=model.projector.clone(axis_name=None))
+    init_model = model.clone(
+        backbone=model.backbone.clone(axis_name=None),
+        projector=model.projector.clone(axis_name=None),
+    )
     image_size = config.data.image_size
     images = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
     variables = init_model.init(jax.random.key(config.seed), images, train=False)
     probe_params = probe.init_params(model.backbone.num_features, num_classes)
     probe_tx = probe.optimizer(config.probe)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
-                      probe_params=probe_params, probe_opt_state=probe_tx.init(probe_params))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+        probe_params=probe_params,
+        probe_opt_state=probe_tx.init(probe_params),
+    )
 
 
 def variables_of(state: TrainState, part: str | None = "backbone") -> dict:

@@ -9,7 +9,7 @@ the global batch (see ``bt_jax.loss``).
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import chex
 import jax
@@ -51,21 +51,32 @@ def _embed_both_views(model, params, batch_stats, views, rng, views_in_one_call:
     if views_in_one_call:
         n = views["view_a"].shape[0]
         both = jnp.concatenate([views["view_a"], views["view_b"]])
-        (representation, z), updates = model.apply(variables, both, train=True, views=2,
-                                                    mutable=["batch_stats"])
+        (representation, z), updates = model.apply(
+            variables, both, train=True, views=2, mutable=["batch_stats"]
+        )
         return representation[:n], z[:n], z[n:], updates["batch_stats"]
-    (representation_a, z_a), updates = model.apply(variables, views["view_a"], train=True,
-                                                   mutable=["batch_stats"])
-    (_, z_b), updates = model.apply({"params": params, **updates}, views["view_b"], train=True,
-                                    mutable=["batch_stats"])
+    (representation_a, z_a), updates = model.apply(
+        variables, views["view_a"], train=True, mutable=["batch_stats"]
+    )
+    (_, z_b), updates = model.apply(
+        {"params": params, **updates}, views["view_b"], train=True, mutable=["batch_stats"]
+    )
     return representation_a, z_a, z_b, updates["batch_stats"]
 
 
-def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *, model,
-               tx: optax.GradientTransformation, probe_tx: optax.GradientTransformation,
-               loss_options: Mapping, finish_views: FinishViews,
-               views_in_one_call: bool = True,
-               axis_name: str = AXIS) -> tuple[TrainState, dict]:
+def train_step(
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+    *,
+    model,
+    tx: optax.GradientTransformation,
+    probe_tx: optax.GradientTransformation,
+    loss_options: Mapping,
+    finish_views: FinishViews,
+    views_in_one_call: bool = True,
+    axis_name: str = AXIS,
+) -> tuple[TrainState, dict]:
     """One update, per device.
 
     batch: this device's n examples, {"view_a", "view_b": uint8 [n, H, W, 3], "label": int32
@@ -85,14 +96,17 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
 
     def loss_fn(params):
         representation_a, z_a, z_b, batch_stats = _embed_both_views(
-            model, params, state.batch_stats, views, rng, views_in_one_call)
+            model, params, state.batch_stats, views, rng, views_in_one_call
+        )
         chex.assert_rank([z_a, z_b], 2)  # embeddings leaving the model: [n, D]
-        loss, terms = loss_lib.barlow_twins_loss(z_a, z_b, axis_name=axis_name,
-                                                 return_terms=True, **loss_options)
+        loss, terms = loss_lib.barlow_twins_loss(
+            z_a, z_b, axis_name=axis_name, return_terms=True, **loss_options
+        )
         return loss, (terms, batch_stats, representation_a)
 
     (loss, (terms, batch_stats, representation_a)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+        loss_fn, has_aux=True
+    )(state.params)
     grads = lax.pmean(grads, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -100,19 +114,36 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     probe_params, probe_opt_state = state.probe_params, state.probe_opt_state
     if probe_params:
         probe_params, probe_opt_state, probe_metrics = probe.step(
-            probe_params, probe_opt_state, representation_a, batch["label"], tx=probe_tx,
-            axis_name=axis_name)
+            probe_params,
+            probe_opt_state,
+            representation_a,
+            batch["label"],
+            tx=probe_tx,
+            axis_name=axis_name,
+        )
         metrics.update(probe_metrics)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, probe_params=probe_params,
-                              probe_opt_state=probe_opt_state)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        probe_params=probe_params,
+        probe_opt_state=probe_opt_state,
+    )
     return new_state, metrics
 
 
-def correlation_block(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
-                      model, size: int, finish_views: FinishViews,
-                      views_in_one_call: bool = True,
-                      axis_name: str = AXIS) -> tuple[None, jax.Array]:
+def correlation_block(
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+    *,
+    model,
+    size: int,
+    finish_views: FinishViews,
+    views_in_one_call: bool = True,
+    axis_name: str = AXIS,
+) -> tuple[None, jax.Array]:
     """The leading [size, size] block of C on this batch (training-mode BatchNorm, nothing
     updated), for the picture of C approaching the identity; the same on every device.
 
@@ -120,8 +151,9 @@ def correlation_block(state: TrainState, batch: Mapping[str, jax.Array], rng: ja
     """
     del rng
     views = finish_views(batch)
-    _, z_a, z_b, _ = _embed_both_views(model, state.params, state.batch_stats, views, None,
-                                       views_in_one_call)
+    _, z_a, z_b, _ = _embed_both_views(
+        model, state.params, state.batch_stats, views, None, views_in_one_call
+    )
     size = min(size, z_a.shape[-1])
     block = loss_lib.cross_correlation(z_a[:, :size], z_b[:, :size], axis_name=axis_name)
     # Every device computed the same block; the pmean says so to shard_map (a [size, size]

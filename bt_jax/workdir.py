@@ -25,9 +25,8 @@ import jax
 import ml_collections
 from etils import epath
 
-from bt_jax import checkpoint
+from bt_jax import checkpoint, files
 from bt_jax import config as config_lib
-from bt_jax import files
 
 CONFIG_FILE = "config.json"
 HISTORY_DIR = "config_history"
@@ -46,7 +45,8 @@ def read_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
     if not path.exists():
         raise checkpoint.NoCheckpointError(
             f"{path} does not exist: {workdir} is not a bt_jax run directory. Pass the --workdir "
-            "of a pretraining run.")
+            "of a pretraining run."
+        )
     return config_lib.from_saved(files.read_json(path), where=str(path))
 
 
@@ -59,12 +59,14 @@ def check_resumable(workdir: epath.PathLike, config: ml_collections.ConfigDict) 
     path = epath.Path(workdir) / CONFIG_FILE
     if path.exists():
         saved = config_lib.resume_identity(read_config(workdir))
-        checkpoint.check_identity(saved, config_lib.resume_identity(config),
-                                  f"The workdir {workdir}")
+        checkpoint.check_identity(
+            saved, config_lib.resume_identity(config), f"The workdir {workdir}"
+        )
 
 
-def record_start(workdir: epath.PathLike, config: ml_collections.ConfigDict,
-                 start_step: int) -> None:
+def record_start(
+    workdir: epath.PathLike, config: ml_collections.ConfigDict, start_step: int
+) -> None:
     """Writes the config as ``config.json`` and as a new entry of ``config_history/`` (process
     0 only): a resume keeps the record of what earlier steps ran with."""
     if jax.process_index() != 0:
@@ -106,8 +108,11 @@ class Lease:
 
     def __init__(self, workdir: epath.PathLike):
         self.path = epath.Path(workdir) / LOCK_FILE
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(),
-                      "run": uuid.uuid4().hex[:12]}
+        self.owner = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "run": uuid.uuid4().hex[:12],
+        }
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -135,7 +140,8 @@ class Lease:
                 f"The workdir {self.path.parent} is in use by another run (host "
                 f"{holder['host']}, pid {holder['pid']}, heartbeat {holder['age']:.0f} s ago): "
                 "two runs writing one workdir would corrupt it. If that run is dead, delete "
-                f"{self.path} (or wait {STALE_SECONDS:.0f} s after its last heartbeat).")
+                f"{self.path} (or wait {STALE_SECONDS:.0f} s after its last heartbeat)."
+            )
 
     def acquire(self) -> None:
         """Takes the lease and starts the heartbeat; WorkdirInUseError if another run holds it."""

@@ -26,12 +26,14 @@ def chance_terms(global_batch: int, embedding_dim: int) -> loss_lib.BarlowTwinsT
     E[invariance] = D (1 + 1/(N-1)) and E[redundancy] = D (D-1) / (N-1).
     """
     n, d = global_batch, embedding_dim
-    return loss_lib.BarlowTwinsTerms(invariance=d * (1 + 1 / (n - 1)),
-                                     redundancy=d * (d - 1) / (n - 1))
+    return loss_lib.BarlowTwinsTerms(
+        invariance=d * (1 + 1 / (n - 1)), redundancy=d * (d - 1) / (n - 1)
+    )
 
 
-def minimum_loss(global_batch: int, embedding_dim: int,
-                 lambd: float = loss_lib.DEFAULT_LAMBD) -> float:
+def minimum_loss(
+    global_batch: int, embedding_dim: int, lambd: float = loss_lib.DEFAULT_LAMBD
+) -> float:
     """The least loss N examples allow: D k / (1 + k), k = lambd max(0, D/(N-1) - 1).
 
     Centred over N examples, C has rank r <= N-1, so sum_ij C_ij^2 >= (tr C)^2 / r (singular
@@ -47,11 +49,15 @@ def minimum_loss(global_batch: int, embedding_dim: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, default=8192, help="embedding dimension D")
-    parser.add_argument("--batches", default="256,512,1024,2048,4096",
-                        help="comma-separated global batch sizes N")
+    parser.add_argument(
+        "--batches", default="256,512,1024,2048,4096", help="comma-separated global batch sizes N"
+    )
     parser.add_argument("--lambd", type=float, default=loss_lib.DEFAULT_LAMBD)
-    parser.add_argument("--measure", action="store_true",
-                        help="also measure the terms on one draw of Gaussian embeddings")
+    parser.add_argument(
+        "--measure",
+        action="store_true",
+        help="also measure the terms on one draw of Gaussian embeddings",
+    )
     args = parser.parse_args()
     header = ["N", "D", "E[invariance]", "E[redundancy]", "E[loss]", "minimum loss"]
     if args.measure:
@@ -61,14 +67,22 @@ def main() -> None:
     print("|" + "---|" * len(header))
     for global_batch in (int(n) for n in args.batches.split(",")):
         chance = chance_terms(global_batch, args.dim)
-        cells = [global_batch, args.dim, f"{chance.invariance:.1f}", f"{chance.redundancy:.1f}",
-                 f"{chance.invariance + args.lambd * chance.redundancy:.1f}",
-                 f"{minimum_loss(global_batch, args.dim, args.lambd):.1f}"]
+        cells = [
+            global_batch,
+            args.dim,
+            f"{chance.invariance:.1f}",
+            f"{chance.redundancy:.1f}",
+            f"{chance.invariance + args.lambd * chance.redundancy:.1f}",
+            f"{minimum_loss(global_batch, args.dim, args.lambd):.1f}",
+        ]
         if args.measure:
             z_a, z_b = jax.random.normal(jax.random.key(global_batch), (2, global_batch, args.dim))
             terms = loss_lib.barlow_twins_terms(z_a, z_b, eps=0.0)
-            cells += [f"{float(terms.invariance):.1f}", f"{float(terms.redundancy):.1f}",
-                      f"{float(terms.invariance + args.lambd * terms.redundancy):.1f}"]
+            cells += [
+                f"{float(terms.invariance):.1f}",
+                f"{float(terms.redundancy):.1f}",
+                f"{float(terms.invariance + args.lambd * terms.redundancy):.1f}",
+            ]
         print("| " + " | ".join(str(cell) for cell in cells) + " |", flush=True)
 
 

@@ -1,6 +1,7 @@
 """Results of a pretraining run as figures and one JSON summary, for the README.
 
-    python experiments/report.py --workdir=runs/fashion_mnist --out=experiments/results/fashion_mnist
+    python experiments/report.py --workdir=runs/fashion_mnist \\
+        --out=experiments/results/fashion_mnist
 
 Writes into --out:
   loss.png         the loss and its two terms (invariance; lambd x redundancy) over training
@@ -26,10 +27,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bt_jax import checkpoint  # noqa: E402
-from bt_jax import data  # noqa: E402
-from bt_jax import evaluate  # noqa: E402
-from bt_jax import parallel  # noqa: E402
+from bt_jax import (
+    checkpoint,  # noqa: E402
+    data,  # noqa: E402
+    evaluate,  # noqa: E402
+    parallel,  # noqa: E402
+)
 from bt_jax import state as state_lib  # noqa: E402
 from bt_jax import step as step_lib  # noqa: E402
 from bt_jax.data import photometric  # noqa: E402
@@ -45,8 +48,9 @@ def plot_loss(records: list[dict], lambd: float, steps_per_epoch: int, path: str
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [r["loss"] for r in rows], label="loss")
     ax.plot(epochs, [r["invariance"] for r in rows], label="invariance  sum (1 - C_ii)^2")
-    ax.plot(epochs, [lambd * r["redundancy"] for r in rows],
-            label=f"{lambd} x redundancy  sum C_ij^2")
+    ax.plot(
+        epochs, [lambd * r["redundancy"] for r in rows], label=f"{lambd} x redundancy  sum C_ij^2"
+    )
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.legend()
@@ -60,15 +64,30 @@ def correlation_matrix(config, variables: dict, batch: dict) -> np.ndarray:
     """The leading block of C for one batch, training-mode BatchNorm (as the loss sees it): the
     trainer's own per-epoch picture (bt_jax.step.correlation_block) on one device."""
     mesh = parallel.device_mesh(jax.devices()[:1])
-    finish_views = functools.partial(photometric.finish_views, seed=config.seed,
-                                     views=view_specs(config.data),
-                                     photometric=config.data.photometric)
-    block = parallel.map_step(functools.partial(
-        step_lib.correlation_block, model=state_lib.build_model(config), size=CORRELATION_DIMS,
-        finish_views=finish_views), mesh, donate=False)
-    state = state_lib.TrainState(step=0, params=variables["params"],
-                                 batch_stats=variables["batch_stats"], opt_state=None,
-                                 probe_params={}, probe_opt_state=None)
+    finish_views = functools.partial(
+        photometric.finish_views,
+        seed=config.seed,
+        views=view_specs(config.data),
+        photometric=config.data.photometric,
+    )
+    block = parallel.map_step(
+        functools.partial(
+            step_lib.correlation_block,
+            model=state_lib.build_model(config),
+            size=CORRELATION_DIMS,
+            finish_views=finish_views,
+        ),
+        mesh,
+        donate=False,
+    )
+    state = state_lib.TrainState(
+        step=0,
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=None,
+        probe_params={},
+        probe_opt_state=None,
+    )
     _, matrix = block(state, parallel.global_batch(batch, mesh), jax.random.key(0))
     return parallel.to_host(matrix)
 
@@ -88,16 +107,22 @@ def plot_correlations(start: np.ndarray, end: np.ndarray, path: str) -> None:
 def plot_accuracy(curve: list[dict], steps_per_epoch: int, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     styles = {"random_init": ":", "random_init_bn": "--", "random_fan_in_bn": "-."}
-    for protocol, name, color in (("logreg", "linear probe (logreg)", "C0"),
-                                  ("knn", "kNN (k=200)", "C1")):
+    for protocol, name, color in (
+        ("logreg", "linear probe (logreg)", "C0"),
+        ("knn", "kNN (k=200)", "C1"),
+    ):
         epochs = [r["step"] / steps_per_epoch for r in curve]
         values = [r["results"][protocol]["pretrained"]["top1"] for r in curve]
         ax.plot(epochs, np.array(values) * 100, "o-", color=color, label=name)
         for baseline, style in styles.items():
             if baseline in curve[0]["results"][protocol]:
                 value = curve[0]["results"][protocol][baseline]["top1"]
-                ax.axhline(value * 100, color=color, linestyle=style,
-                           label=f"{name}, {baseline.replace('_', ' ')}")
+                ax.axhline(
+                    value * 100,
+                    color=color,
+                    linestyle=style,
+                    label=f"{name}, {baseline.replace('_', ' ')}",
+                )
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 (%)")
     ax.legend()
@@ -112,8 +137,9 @@ def main() -> None:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--reevaluate", action="store_true")
-    parser.add_argument("--epochs", default="",
-                        help="comma-separated epochs to evaluate (default every checkpoint)")
+    parser.add_argument(
+        "--epochs", default="", help="comma-separated epochs to evaluate (default every checkpoint)"
+    )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     config = evaluate.load_run_config(args.workdir)
@@ -131,49 +157,80 @@ def main() -> None:
         curve = json.load(f)["checkpoints"]
     plot_accuracy(curve, steps_per_epoch, os.path.join(args.out, "accuracy.png"))
 
-    batch = next(data.pretrain_batches(
-        source, global_batch=config.batch_size, image_size=config.data.image_size,
-        seed=config.seed, min_crop_scale=config.data.min_crop_scale,
-        views=view_specs(config.data), photometric=config.data.photometric, process_index=0,
-        process_count=1))
+    batch = next(
+        data.pretrain_batches(
+            source,
+            global_batch=config.batch_size,
+            image_size=config.data.image_size,
+            seed=config.seed,
+            min_crop_scale=config.data.min_crop_scale,
+            views=view_specs(config.data),
+            photometric=config.data.photometric,
+            process_index=0,
+            process_count=1,
+        )
+    )
     model = state_lib.build_model(config, axis_name=None)
-    initial = jax.jit(functools.partial(state_lib.init_state, config, model,
-                                        state_lib.build_optimizer(config, steps_per_epoch)))()
+    initial = jax.jit(
+        functools.partial(
+            state_lib.init_state, config, model, state_lib.build_optimizer(config, steps_per_epoch)
+        )
+    )()
     start = correlation_matrix(config, state_lib.variables_of(initial, part=None), batch)
     last_step = curve[-1]["step"]
-    end = correlation_matrix(config, checkpoint.read_variables(args.workdir, last_step, None),
-                             batch)
+    end = correlation_matrix(
+        config, checkpoint.read_variables(args.workdir, last_step, None), batch
+    )
     plot_correlations(start, end, os.path.join(args.out, "correlation.png"))
 
     off_diagonal = ~np.eye(CORRELATION_DIMS, dtype=bool)
     final = curve[-1]["results"]
     summary = {
-        "workdir": args.workdir, "dataset": config.data.dataset, "model": config.model.name,
-        "width": config.model.width, "projector": config.model.projector,
+        "workdir": args.workdir,
+        "dataset": config.data.dataset,
+        "model": config.model.name,
+        "width": config.model.width,
+        "projector": config.model.projector,
         "batch_size": config.batch_size,
-        "epochs": last_step / steps_per_epoch, "steps": last_step,
+        "epochs": last_step / steps_per_epoch,
+        "steps": last_step,
         # From the config written at the start to the last checkpoint (includes any downtime
         # of a resumed run).
-        "wall_seconds": round(os.path.getmtime(os.path.join(
-            args.workdir, "checkpoints", str(last_step))) - os.path.getmtime(
-                os.path.join(args.workdir, "config_history"))),
+        "wall_seconds": round(
+            os.path.getmtime(os.path.join(args.workdir, "checkpoints", str(last_step)))
+            - os.path.getmtime(os.path.join(args.workdir, "config_history"))
+        ),
         "linear_top1": final["logreg"]["pretrained"]["top1"],
         "linear_top1_random_init": final["logreg"]["random_init"]["top1"],
         "linear_top1_raw_pixels": final["logreg"].get("raw_pixels", {}).get("top1"),
-        **{f"linear_top1_{name}": final["logreg"][name]["top1"]
-           for name in ("random_init_bn", "random_fan_in_bn") if name in final["logreg"]},
+        **{
+            f"linear_top1_{name}": final["logreg"][name]["top1"]
+            for name in ("random_init_bn", "random_fan_in_bn")
+            if name in final["logreg"]
+        },
         "knn_top1": final["knn"]["pretrained"]["top1"],
         "knn_top1_random_init": final["knn"]["random_init"]["top1"],
-        **{f"knn_top1_{name}": final["knn"][name]["top1"]
-           for name in ("random_init_bn", "random_fan_in_bn") if name in final["knn"]},
-        "correlation_mean_abs_diagonal": {"start": float(np.abs(np.diag(start)).mean()),
-                                          "end": float(np.abs(np.diag(end)).mean())},
+        **{
+            f"knn_top1_{name}": final["knn"][name]["top1"]
+            for name in ("random_init_bn", "random_fan_in_bn")
+            if name in final["knn"]
+        },
+        "correlation_mean_abs_diagonal": {
+            "start": float(np.abs(np.diag(start)).mean()),
+            "end": float(np.abs(np.diag(end)).mean()),
+        },
         "correlation_mean_abs_off_diagonal": {
             "start": float(np.abs(start[off_diagonal]).mean()),
-            "end": float(np.abs(end[off_diagonal]).mean())},
-        "curve": [{"epoch": r["step"] / steps_per_epoch,
-                   "linear_top1": r["results"]["logreg"]["pretrained"]["top1"],
-                   "knn_top1": r["results"]["knn"]["pretrained"]["top1"]} for r in curve],
+            "end": float(np.abs(end[off_diagonal]).mean()),
+        },
+        "curve": [
+            {
+                "epoch": r["step"] / steps_per_epoch,
+                "linear_top1": r["results"]["logreg"]["pretrained"]["top1"],
+                "knn_top1": r["results"]["knn"]["pretrained"]["top1"],
+            }
+            for r in curve
+        ],
     }
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

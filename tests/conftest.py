@@ -1,4 +1,5 @@
 """Test set-up: 8 simulated CPU devices, set before any JAX operation."""
+
 import os
 import tempfile
 
@@ -11,8 +12,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same small programs, in this process and in the subprocesses they
 # start (which inherit the environment): a persistent compilation cache compiles each once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), "bt_jax_test_compilation_cache"))
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), "bt_jax_test_compilation_cache"),
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import jax  # noqa: E402
@@ -25,7 +28,9 @@ try:  # pragma: no cover - depends on install
 except Exception:  # noqa: BLE001
     pass
 
-assert jax.device_count() == 8, "tests expect 8 simulated CPU devices; jax was imported before conftest"
+assert jax.device_count() == 8, (
+    "tests expect 8 simulated CPU devices; jax was imported before conftest"
+)
 
 # A real GCS emulator for the tests that ask for it (started on first use, once per process).
 from gcs_emulator import gcs_dir, gcs_emulator  # noqa: E402,F401

@@ -26,11 +26,17 @@ def check_epath_round_trip(root: epath.Path, mkdir_writes_a_marker: bool) -> Non
     (root / "run" / "metrics.jsonl").write_bytes(b"1\n")
     (root / "run" / "ckpt" / "1" / "x").write_text("x")
     assert sorted(p.name for p in (root / "run").iterdir()) == [
-        "ckpt", "config.json", "metrics.jsonl"]
+        "ckpt",
+        "config.json",
+        "metrics.jsonl",
+    ]
     assert sorted(p.name for p in (root / "run").glob("*.json*")) == [
-        "config.json", "metrics.jsonl"]
+        "config.json",
+        "metrics.jsonl",
+    ]
     assert [os.fspath(p) for p in (root / "run" / "ckpt").glob("*/x")] == [
-        os.fspath(root / "run" / "ckpt" / "1" / "x")]
+        os.fspath(root / "run" / "ckpt" / "1" / "x")
+    ]
     # replace onto an existing object: the destination has the new bytes, the source is gone.
     staged = root / "run" / "config.json.tmp"
     staged.write_text('{"a": 2}')

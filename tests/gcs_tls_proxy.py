@@ -40,22 +40,33 @@ MAX_HEAD_BYTES = 1 << 16
 def write_certificates(cert_dir: str) -> ssl.SSLContext:
     """Writes ca.pem, and returns a server context with a certificate for HOSTS signed by it."""
     now = datetime.datetime.now(datetime.timezone.utc)
-    valid = dict(not_valid_before=now - datetime.timedelta(hours=1),
-                 not_valid_after=now + datetime.timedelta(days=7))
+    valid = dict(
+        not_valid_before=now - datetime.timedelta(hours=1),
+        not_valid_after=now + datetime.timedelta(days=7),
+    )
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bt_jax test-only CA")])
-    ca = (x509.CertificateBuilder(subject_name=ca_name, issuer_name=ca_name, **valid)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder(subject_name=ca_name, issuer_name=ca_name, **valid)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder(
-                subject_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOSTS[0])]),
-                issuer_name=ca_name, **valid)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(h) for h in HOSTS]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder(
+            subject_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOSTS[0])]),
+            issuer_name=ca_name,
+            **valid,
+        )
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(h) for h in HOSTS]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     pem = serialization.Encoding.PEM
     with open(os.path.join(cert_dir, CA_FILE), "wb") as f:
         f.write(ca.public_bytes(pem))
@@ -63,8 +74,9 @@ def write_certificates(cert_dir: str) -> ssl.SSLContext:
     with open(cert_path, "wb") as f:
         f.write(cert.public_bytes(pem))
     with open(key_path, "wb") as f:
-        f.write(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_path, key_path)
     return context
@@ -134,8 +146,9 @@ def main(emulator_port: int, cert_dir: str) -> None:
     print(f"PORT {listener.getsockname()[1]}", flush=True)
     while True:
         conn, _ = listener.accept()
-        threading.Thread(target=_serve_connection, args=(conn, context, emulator_port),
-                         daemon=True).start()
+        threading.Thread(
+            target=_serve_connection, args=(conn, context, emulator_port), daemon=True
+        ).start()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """bt_jax.data.augment: the host half of the two views as pure functions of (image, seed)."""
+
 import numpy as np
 import pytest
 
@@ -22,14 +23,17 @@ def test_pure_function_of_seed_and_views_differ():
 
 def test_two_views_decoded_once_equal_each_view_alone():
     rng = np.random.default_rng(3)
-    for image in (tf.constant(rng.integers(0, 256, (33, 47, 3), dtype=np.uint8)),
-                  tf.io.encode_png(rng.integers(0, 256, (33, 47, 3), dtype=np.uint8))):
+    for image in (
+        tf.constant(rng.integers(0, 256, (33, 47, 3), dtype=np.uint8)),
+        tf.io.encode_png(rng.integers(0, 256, (33, 47, 3), dtype=np.uint8)),
+    ):
         seeds = [augment.view_seed(1, 0, 5, v) for v in ("a", "b")]
         for mode in ("host", "device"):
-            both = augment.augment_views(image, seeds, ["a", "b"], image_size=16,
-                                         photometric=mode)
-            alone = [augment.augment_view(image, s, view=v, image_size=16, photometric=mode)
-                     for s, v in zip(seeds, ("a", "b"))]
+            both = augment.augment_views(image, seeds, ["a", "b"], image_size=16, photometric=mode)
+            alone = [
+                augment.augment_view(image, s, view=v, image_size=16, photometric=mode)
+                for s, v in zip(seeds, ("a", "b"))
+            ]
             for x, y in zip(both, alone):
                 np.testing.assert_array_equal(x, y)
 
@@ -39,8 +43,9 @@ def test_device_mode_is_the_host_recipe_without_its_photometric_ops():
     probability at zero, host mode gives device mode's bytes."""
     rng = np.random.default_rng(4)
     image = tf.constant(rng.integers(0, 256, (30, 41, 3), dtype=np.uint8))
-    no_photometric = data.ViewSpec(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0,
-                                   solarize_prob=0.0)
+    no_photometric = data.ViewSpec(
+        jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0
+    )
     for i in range(8):
         seed = augment.view_seed(0, 0, i, "b")
         crop = augment.augment_view(image, seed, view="b", image_size=16, photometric="device")
@@ -57,16 +62,22 @@ def test_encoded_jpeg_png_and_grayscale_inputs():
     from_array = augment.augment_view(tf.constant(pixels), seed, view="b", image_size=16)
     from_png = augment.augment_view(tf.io.encode_png(pixels), seed, view="b", image_size=16)
     np.testing.assert_array_equal(from_array, from_png)  # lossless: the same crop, same bytes
-    from_jpeg = augment.augment_view(tf.io.encode_jpeg(pixels, quality=95), seed, view="b",
-                                     image_size=16)
+    from_jpeg = augment.augment_view(
+        tf.io.encode_jpeg(pixels, quality=95), seed, view="b", image_size=16
+    )
     assert from_jpeg.shape == (16, 16, 3) and from_jpeg.dtype == tf.uint8
     gray = augment.augment_view(tf.constant(pixels[..., :1]), seed, view="a", image_size=16)
     assert gray.shape == (16, 16, 3)
     # One channel in, three equal channels out, resized once: the view of the tiled image.
-    tiled = augment.augment_view(tf.constant(np.repeat(pixels[..., :1], 3, axis=-1)), seed,
-                                 view=data.CROP_FLIP, image_size=16)
-    once = augment.augment_view(tf.constant(pixels[..., :1]), seed, view=data.CROP_FLIP,
-                                image_size=16)
+    tiled = augment.augment_view(
+        tf.constant(np.repeat(pixels[..., :1], 3, axis=-1)),
+        seed,
+        view=data.CROP_FLIP,
+        image_size=16,
+    )
+    once = augment.augment_view(
+        tf.constant(pixels[..., :1]), seed, view=data.CROP_FLIP, image_size=16
+    )
     np.testing.assert_array_equal(tiled, once)
 
 
@@ -77,13 +88,14 @@ def test_union_window_decode_matches_decode_then_crop():
     decoded = tf.io.decode_jpeg(jpeg, channels=3).numpy().astype(int)
     windows = [[5, 7, 30, 21], [33, 1, 31, 40]]
     pixels, relative = augment._decode_windows(
-        jpeg, lambda h, w: [tf.constant(win) for win in windows])
+        jpeg, lambda h, w: [tf.constant(win) for win in windows]
+    )
     assert pixels.shape[:2] == (59, 40)  # the union of the two windows, decoded once
     for window, rel in zip(windows, relative):
         top, left, h, w = rel.numpy()
-        crop = pixels.numpy()[top:top + h, left:left + w].astype(int)
-        t, l, hh, ww = window
-        diff = np.abs(crop - decoded[t:t + hh, l:l + ww])
+        crop = pixels.numpy()[top : top + h, left : left + w].astype(int)
+        t, left_, hh, ww = window
+        diff = np.abs(crop - decoded[t : t + hh, left_ : left_ + ww])
         # libjpeg's chroma upsampling at the window's edge may differ by a few levels.
         assert diff.max() <= 4 and diff.mean() < 0.5, (window, diff.max(), diff.mean())
 

@@ -32,26 +32,50 @@ def run_without_tensorflow(script: str, *args: str) -> str:
     argv = [os.path.join(BENCHMARKS, script), *args]
     env = {**os.environ, "PYTHONPATH": REPO}
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
-        "--xla_force_host_platform_device_count=8", "")  # one device, as a plain run
-    result = subprocess.run([sys.executable, "-c", RUNNER.format(absent=ABSENT, argv=argv)],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        "--xla_force_host_platform_device_count=8", ""
+    )  # one device, as a plain run
+    result = subprocess.run(
+        [sys.executable, "-c", RUNNER.format(absent=ABSENT, argv=argv)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
 
 @pytest.mark.slow
 def test_train_step_benchmark_runs_without_tensorflow():
-    out = run_without_tensorflow("train_step.py", "--batch=8", "--width=4", "--projector=16-16",
-                                 "--image-size=16", "--repeats=1", "--steps=bt_jax,minimal")
-    rows = [line for line in out.splitlines() if line.startswith("| bt_jax") or
-            line.startswith("| minimal")]
+    out = run_without_tensorflow(
+        "train_step.py",
+        "--batch=8",
+        "--width=4",
+        "--projector=16-16",
+        "--image-size=16",
+        "--repeats=1",
+        "--steps=bt_jax,minimal",
+    )
+    rows = [
+        line
+        for line in out.splitlines()
+        if line.startswith("| bt_jax") or line.startswith("| minimal")
+    ]
     assert len(rows) == 2, out
 
 
 def test_model_and_loss_benchmarks_run_without_tensorflow():
-    out = run_without_tensorflow("model.py", "--backbones=resnet18", "--settings=cifar32",
-                                 "--dtypes=float32", "--steps=1", "--batch=4", "--width=4",
-                                 "--projector=16-16")
+    out = run_without_tensorflow(
+        "model.py",
+        "--backbones=resnet18",
+        "--settings=cifar32",
+        "--dtypes=float32",
+        "--steps=1",
+        "--batch=4",
+        "--width=4",
+        "--projector=16-16",
+    )
     assert "| resnet18 | cifar32 | auto | 4 | float32 |" in out, out
     out = run_without_tensorflow("loss.py", "--batches", "8", "--dims", "16", "--repeats", "1")
     assert "| 8 | 16 |" in out, out
@@ -64,8 +88,10 @@ def test_the_benchmark_finishes_views_as_the_trainer():
     finally:
         sys.path.remove(BENCHMARKS)
     rng = np.random.default_rng(0)
-    batch = {key: jnp.asarray(rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
-             for key in ("view_a", "view_b")}
+    batch = {
+        key: jnp.asarray(rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+        for key in ("view_a", "view_b")
+    }
     want = photometric.finish_views(batch, seed=0, views=None, photometric="host")
     got = train_step.finish_views(batch)
     for key in ("view_a", "view_b"):

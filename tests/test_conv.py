@@ -29,7 +29,8 @@ def assert_close(got, want, tolerance=1e-5):
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         scale = max(float(jnp.max(jnp.abs(w))), 1e-30)
         assert float(jnp.max(jnp.abs(g - w))) <= tolerance * scale, (
-            float(jnp.max(jnp.abs(g - w))) / scale)
+            float(jnp.max(jnp.abs(g - w))) / scale
+        )
 
 
 def value_and_grads(form, x, kernel, stride, cotangent):
@@ -45,15 +46,20 @@ def value_and_grads(form, x, kernel, stride, cotangent):
 @pytest.mark.parametrize("kernel_size,stride", RESNET_CONVS)
 @pytest.mark.parametrize("form", ["tap_matmul", "auto"])
 @pytest.mark.parametrize("rows_per_chunk", [conv_lib.ROWS_PER_CHUNK, 150])
-def test_forms_equal_xla_values_and_gradients(form, kernel_size, stride, rows_per_chunk,
-                                              monkeypatch):
+def test_forms_equal_xla_values_and_gradients(
+    form, kernel_size, stride, rows_per_chunk, monkeypatch
+):
     # 150 rows: 81-position maps go one image per chunk (several chunks), 25-position maps six.
     monkeypatch.setattr(conv_lib, "ROWS_PER_CHUNK", rows_per_chunk)
     monkeypatch.setattr(conv_lib, "MIN_TAP_MATMUL_POSITIONS", 1)  # auto: tap_matmul on CPU
     x = normal(0, (6, 9, 9, 5))  # odd sides: padding and strides as PyTorch's or not at all
     kernel = normal(1, (kernel_size, kernel_size, 5, 7)) / kernel_size
-    cotangent = normal(2, jax.eval_shape(lambda: conv_lib.xla_conv(
-        x, kernel, stride, ((kernel_size // 2,) * 2,) * 2)).shape)
+    cotangent = normal(
+        2,
+        jax.eval_shape(
+            lambda: conv_lib.xla_conv(x, kernel, stride, ((kernel_size // 2,) * 2,) * 2)
+        ).shape,
+    )
     want = jax.jit(value_and_grads, static_argnums=(0, 3))("xla", x, kernel, stride, cotangent)
     got = jax.jit(value_and_grads, static_argnums=(0, 3))(form, x, kernel, stride, cotangent)
     assert_close(got, want)
@@ -63,8 +69,9 @@ def test_forms_equal_xla_values_and_gradients(form, kernel_size, stride, rows_pe
 def test_kernel_gradient_in_float32_from_bfloat16():
     x, g = normal(0, (4, 8, 8, 3)), normal(1, (4, 8, 8, 6))
     want = conv_lib.kernel_grad_by_taps(x, g, (3, 3), 1, ((1, 1), (1, 1)))
-    got = conv_lib.kernel_grad_by_taps(x.astype(jnp.bfloat16), g.astype(jnp.bfloat16), (3, 3), 1,
-                                       ((1, 1), (1, 1)))
+    got = conv_lib.kernel_grad_by_taps(
+        x.astype(jnp.bfloat16), g.astype(jnp.bfloat16), (3, 3), 1, ((1, 1), (1, 1))
+    )
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05 * float(jnp.max(jnp.abs(want))))
 
@@ -74,8 +81,9 @@ def exported_text(platform: str, side: int) -> str:
     kernel = jax.ShapeDtypeStruct((3, 3, 4, 8), jnp.float32)
 
     def kernel_grad(x, kernel):
-        return jax.grad(lambda k: jnp.sum(jnp.square(
-            conv_lib.conv2d(x, k, 1, ((1, 1), (1, 1))))))(kernel)
+        return jax.grad(lambda k: jnp.sum(jnp.square(conv_lib.conv2d(x, k, 1, ((1, 1), (1, 1))))))(
+            kernel
+        )
 
     return export.export(jax.jit(kernel_grad), platforms=[platform])(x, kernel).mlir_module()
 
@@ -96,8 +104,9 @@ def test_auto_is_tap_matmul_on_cpu_and_xla_elsewhere():
 def test_tap_matmul_under_shard_map_with_replicated_kernel():
     # A replicated kernel meets per-device images: the custom gradient's cotangent must have the
     # kernel's type, and autodiff's sum over devices must give the one-device gradient.
-    mesh = jax.make_mesh((8,), ("batch",), devices=jax.devices(),
-                         axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = jax.make_mesh(
+        (8,), ("batch",), devices=jax.devices(), axis_types=(jax.sharding.AxisType.Auto,)
+    )
     x, kernel = normal(0, (16, 8, 8, 3)), normal(1, (3, 3, 3, 4))
 
     def loss(form, kernel, x):
@@ -105,8 +114,9 @@ def test_tap_matmul_under_shard_map_with_replicated_kernel():
 
     def sharded_grad(form):
         per_device = jax.grad(lambda k, x_: loss(form, k, x_))
-        return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("batch")),
-                                     out_specs=P()))(kernel, x)
+        return jax.jit(
+            jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("batch")), out_specs=P())
+        )(kernel, x)
 
     want = jax.grad(loss, argnums=1)("xla", kernel, x)
     assert_close(sharded_grad("xla"), want)
@@ -116,13 +126,18 @@ def test_tap_matmul_under_shard_map_with_replicated_kernel():
 @pytest.mark.parametrize("name,stem", [("resnet18", "cifar"), ("resnet50", "imagenet")])
 def test_parameter_layout_is_the_same_in_every_form(name, stem):
     images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
-    trees = [jax.eval_shape(models.create(name, stem=stem, width=8, conv=form).init,
-                            jax.random.key(0), images) for form in conv_lib.FORMS]
+    trees = [
+        jax.eval_shape(
+            models.create(name, stem=stem, width=8, conv=form).init, jax.random.key(0), images
+        )
+        for form in conv_lib.FORMS
+    ]
     for tree in trees[1:]:
         chex.assert_trees_all_equal_shapes_and_dtypes(tree, trees[0])
     # ... which is the layout torchvision's weights convert to.
     chex.assert_trees_all_equal_shapes_and_dtypes(
-        trees[0], convert.expected_shapes(name, stem=stem, width=8))
+        trees[0], convert.expected_shapes(name, stem=stem, width=8)
+    )
 
 
 def test_torchvision_weights_load_and_train_alike_in_every_form():
@@ -134,8 +149,9 @@ def test_torchvision_weights_load_and_train_alike_in_every_form():
         model = models.create("resnet18", stem="cifar", width=8, conv=form)
 
         def loss(params):
-            out, updates = model.apply({**variables, "params": params}, images, train=True,
-                                       mutable=["batch_stats"])
+            out, updates = model.apply(
+                {**variables, "params": params}, images, train=True, mutable=["batch_stats"]
+            )
             return jnp.sum(jnp.square(out)), updates
 
         return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])

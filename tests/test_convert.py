@@ -10,11 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from convert_helpers import official_state_dict, random_model_variables, random_variables
 
 from bt_jax import convert, models
-from bt_jax.convert import layout, model as convert_model, resnet as convert_resnet
+from bt_jax.convert import layout
+from bt_jax.convert import model as convert_model
+from bt_jax.convert import resnet as convert_resnet
 from bt_jax.models import resnet
-from convert_helpers import official_state_dict, random_model_variables, random_variables
 
 
 def test_torchvision_names_and_shapes_resnet50():

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from convert_helpers import official_state_dict, random_variables
 
 from bt_jax import checkpoint, convert, models
 from bt_jax.convert import files
-from convert_helpers import official_state_dict, random_variables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A process where `import torch` fails whether or not torch is installed.
@@ -93,11 +93,18 @@ def test_with_projector_round_trip_through_files(tmp_path, capsys):
 
 
 def test_exported_backbone_converts_to_torchvision(tmp_path):
-    model_config = dict(name="resnet18", stem="cifar", width=8, zero_init_residual=True,
-                        projector="16-16", dtype="float32")
+    model_config = dict(
+        name="resnet18",
+        stem="cifar",
+        width=8,
+        zero_init_residual=True,
+        projector="16-16",
+        dtype="float32",
+    )
     model = models.create_model(**model_config)
-    variables = jax.device_get(model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)),
-                                          train=False))
+    variables = jax.device_get(
+        model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)), train=False)
+    )
     checkpoint.export(tmp_path, model_config, variables)
     assert main(tmp_path / "backbone.msgpack", tmp_path / "resnet18.npz") == 0
     backbone = {key: variables[key]["backbone"] for key in ("params", "batch_stats")}

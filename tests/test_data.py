@@ -1,5 +1,6 @@
 """bt_jax.data: sources, determinism, exact resume, per-process shares, evaluation and labelled
 batches, bad input and its one-line errors."""
+
 import gzip
 import os
 import subprocess
@@ -9,8 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
-from bt_jax import data
-from bt_jax import errors
+from bt_jax import data, errors
 from bt_jax.data import sources
 from bt_jax.data.tf_runtime import tf
 
@@ -31,8 +31,14 @@ def digits():
 def small(digits):
     """40 train / 10 test digits: cheap epochs (global batch 16 -> 2 steps per epoch, 8 dropped)."""
     train, test = digits.split("train"), digits.split("test")
-    return data.from_arrays("small", train.images[:40], train.labels[:40], test.images[:10],
-                            test.labels[:10], num_classes=10)
+    return data.from_arrays(
+        "small",
+        train.images[:40],
+        train.labels[:40],
+        test.images[:10],
+        test.labels[:10],
+        num_classes=10,
+    )
 
 
 def batches(source, n, **kw):
@@ -63,8 +69,9 @@ def test_views_can_change_the_recipe(small):
     default = batches(small, 1)[0]
     official = batches(small, 1, views=data.VIEWS)[0]
     assert same(default, official)
-    always_b = dict(data.VIEWS, b=dataclasses.replace(data.VIEWS["b"], blur_prob=1.0,
-                                                      solarize_prob=1.0))
+    always_b = dict(
+        data.VIEWS, b=dataclasses.replace(data.VIEWS["b"], blur_prob=1.0, solarize_prob=1.0)
+    )
     changed = batches(small, 1, views=always_b)[0]
     assert np.array_equal(changed["view_a"], default["view_a"])
     assert not np.array_equal(changed["view_b"], default["view_b"])
@@ -96,8 +103,17 @@ def test_epochs_reshuffle_and_drop_the_last_incomplete_batch(small):
     assert not np.array_equal(epoch0, epoch1)
     np.testing.assert_array_equal(epoch0, data.epoch_permutation(0, 0, 40)[:32])
     assert data.steps_per_epoch(small, 16) == 2
-    finite = list(data.pretrain_batches(small, global_batch=16, image_size=16, seed=0,
-                                        process_index=0, process_count=1, num_epochs=2))
+    finite = list(
+        data.pretrain_batches(
+            small,
+            global_batch=16,
+            image_size=16,
+            seed=0,
+            process_index=0,
+            process_count=1,
+            num_epochs=2,
+        )
+    )
     assert len(finite) == 4
 
 
@@ -133,8 +149,11 @@ def test_two_processes_read_disjoint_shares_covering_the_epoch(small):
     assert not set(index[0]) & set(index[1])
     assert len(set(index[0]) | set(index[1])) == 40  # 40 // 8 * 8: the whole split
     # The global batch does not depend on the topology: 2 processes == 1 process, row for row.
-    single = next(data.pretrain_batches(small, global_batch=8, image_size=16, seed=3,
-                                        process_index=0, process_count=1))
+    single = next(
+        data.pretrain_batches(
+            small, global_batch=8, image_size=16, seed=3, process_index=0, process_count=1
+        )
+    )
     for key in single:
         joined = np.concatenate([shares[0][0][key], shares[1][0][key]])
         assert joined.tobytes() == single[key].tobytes(), key
@@ -154,17 +173,21 @@ def test_batch_size_errors_come_before_anything_is_built(small, monkeypatch):
 
     monkeypatch.setattr(data.input_pipeline, "_stream_batches", fail)
     with pytest.raises(data.DataError, match=r"batch size 12 is not divisible by the 8 processes"):
-        data.pretrain_batches(small, global_batch=12, image_size=16, seed=0,
-                              process_index=0, process_count=8)
+        data.pretrain_batches(
+            small, global_batch=12, image_size=16, seed=0, process_index=0, process_count=8
+        )
     with pytest.raises(data.DataError, match=r"batch size 64 is larger than the 40 examples"):
-        data.pretrain_batches(small, global_batch=64, image_size=16, seed=0,
-                              process_index=0, process_count=1)
+        data.pretrain_batches(
+            small, global_batch=64, image_size=16, seed=0, process_index=0, process_count=1
+        )
     with pytest.raises(data.DataError, match=r"process_index 2 is not in \[0, process_count=2\)"):
-        data.pretrain_batches(small, global_batch=8, image_size=16, seed=0,
-                              process_index=2, process_count=2)
+        data.pretrain_batches(
+            small, global_batch=8, image_size=16, seed=0, process_index=2, process_count=2
+        )
     with pytest.raises(data.DataError, match="image_size must be at least 8"):
-        data.pretrain_batches(small, global_batch=8, image_size=6, seed=0,
-                              process_index=0, process_count=1)
+        data.pretrain_batches(
+            small, global_batch=8, image_size=6, seed=0, process_index=0, process_count=1
+        )
 
 
 # ----------------------------------------------------------------------------- labelled
@@ -182,17 +205,22 @@ def test_labelled_batches_are_an_index_stream_over_the_subset(digits):
     from bt_jax.data import augment
 
     image = digits.split("train").images[order[0]]
-    expected = augment.augment_view(tf.constant(image), augment.labelled_seed(2, 1, order[0]),
-                                    view=data.CROP_FLIP, image_size=16)
+    expected = augment.augment_view(
+        tf.constant(image),
+        augment.labelled_seed(2, 1, order[0]),
+        view=data.CROP_FLIP,
+        image_size=16,
+    )
     np.testing.assert_array_equal(out[6]["image"][0], expected)
     # Two processes: each its rows of every global batch, together the single-process batch.
-    shares = [next(data.labelled_batches(digits, subset, process_index=p, process_count=2, **kw))
-              for p in (0, 1)]
+    shares = [
+        next(data.labelled_batches(digits, subset, process_index=p, process_count=2, **kw))
+        for p in (0, 1)
+    ]
     for key in ("image", "label"):
         assert np.concatenate([s[key] for s in shares]).tobytes() == out[0][key].tobytes()
     with pytest.raises(data.DataError, match="batch size 512 is larger than the 215 examples"):
-        data.labelled_batches(digits, subset, batch_size=512, image_size=16, seed=0,
-                              num_epochs=1)
+        data.labelled_batches(digits, subset, batch_size=512, image_size=16, seed=0, num_epochs=1)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -211,8 +239,14 @@ def test_eval_batches_all_examples_in_order(digits):
 
 def test_eval_batches_sharded_over_processes_gather_to_the_dataset_order(digits):
     whole = list(data.eval_batches(digits, split="test", batch_size=96, image_size=16))
-    shares = [list(data.eval_batches(digits, split="test", batch_size=96, image_size=16,
-                                     process_index=p, process_count=3)) for p in range(3)]
+    shares = [
+        list(
+            data.eval_batches(
+                digits, split="test", batch_size=96, image_size=16, process_index=p, process_count=3
+            )
+        )
+        for p in range(3)
+    ]
     assert [len(s) for s in shares] == [4, 4, 4]  # ceil(297 / 96) on every process
     assert shares[2][3]["mask"].sum() == 0  # rows 352..383 of the last batch: all padding
     for k in range(4):
@@ -252,8 +286,17 @@ def test_folder_with_classes_and_mixed_formats(tmp_path):
     assert source.num_train + source.num_examples("test") == 12
     assert set(source.split("train").labels) <= {0, 1}
     for mode in ("host", "device"):
-        batch = next(data.pretrain_batches(source, global_batch=8, image_size=16, seed=0,
-                                           photometric=mode, process_index=0, process_count=1))
+        batch = next(
+            data.pretrain_batches(
+                source,
+                global_batch=8,
+                image_size=16,
+                seed=0,
+                photometric=mode,
+                process_index=0,
+                process_count=1,
+            )
+        )
         assert batch["view_a"].shape == (8, 16, 16, 3)
     batch = next(data.eval_batches(source, split="train", batch_size=64, image_size=16))
     assert batch["image"].shape == (64, 16, 16, 3) and batch["mask"].sum() == source.num_train
@@ -316,12 +359,15 @@ def write_idx_dir(folder, train_images, gzip_images=True):
     folder.mkdir(exist_ok=True)
     images = idx_bytes(train_images)
     (folder / ("train-images-idx3-ubyte" + (".gz" if gzip_images else ""))).write_bytes(
-        gzip.compress(images) if gzip_images else images)
+        gzip.compress(images) if gzip_images else images
+    )
     (folder / "train-labels-idx1-ubyte").write_bytes(
-        idx_bytes(np.arange(len(train_images), dtype=np.uint8) % 3))
+        idx_bytes(np.arange(len(train_images), dtype=np.uint8) % 3)
+    )
     (folder / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(train_images[:5]))
     (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(
-        gzip.compress(idx_bytes(np.zeros(5, np.uint8))))
+        gzip.compress(idx_bytes(np.zeros(5, np.uint8)))
+    )
 
 
 def test_idx_files_gzipped_and_raw(tmp_path):
@@ -330,8 +376,11 @@ def test_idx_files_gzipped_and_raw(tmp_path):
     source = data.load_source("idx", str(tmp_path))
     assert (source.num_train, source.num_examples("test"), source.num_classes) == (20, 5, 3)
     np.testing.assert_array_equal(source.split("train").images[..., 0], train)
-    batch = next(data.pretrain_batches(source, global_batch=8, image_size=16, seed=0,
-                                       process_index=0, process_count=1))
+    batch = next(
+        data.pretrain_batches(
+            source, global_batch=8, image_size=16, seed=0, process_index=0, process_count=1
+        )
+    )
     assert batch["view_a"].shape == (8, 16, 16, 3)
 
 
@@ -340,26 +389,37 @@ def test_truncated_idx_and_gzip_name_the_file(tmp_path):
     write_idx_dir(tmp_path / "gz", train)
     path = tmp_path / "gz" / "train-images-idx3-ubyte.gz"
     path.write_bytes(path.read_bytes()[:-30])  # a real truncated download
-    with pytest.raises(data.DataError, match=r"train-images-idx3-ubyte.gz: the gzip file is "
-                                             r"truncated or corrupt"):
+    with pytest.raises(
+        data.DataError,
+        match=r"train-images-idx3-ubyte.gz: the gzip file is "
+        r"truncated or corrupt",
+    ):
         data.load_source("idx", str(tmp_path / "gz"))
     write_idx_dir(tmp_path / "raw", train, gzip_images=False)
     path = tmp_path / "raw" / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(data.DataError, match=r"train-images-idx3-ubyte: the IDX header says "
-                                             r"shape \(20, 12, 12\) but the file holds 2780"):
+    with pytest.raises(
+        data.DataError,
+        match=r"train-images-idx3-ubyte: the IDX header says "
+        r"shape \(20, 12, 12\) but the file holds 2780",
+    ):
         data.load_source("idx", str(tmp_path / "raw"))
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR),
-                    reason=f"{FASHION_MNIST_DIR} absent (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not os.path.isdir(FASHION_MNIST_DIR),
+    reason=f"{FASHION_MNIST_DIR} absent (apt-get install dataset-fashion-mnist)",
+)
 def test_real_fashion_mnist_idx_files():
     source = data.load_source("idx")  # the default data_dir is Debian's folder
     assert (source.num_train, source.num_examples("test"), source.num_classes) == (60000, 10000, 10)
     assert source.split("train").images.shape == (60000, 28, 28, 1)
     assert np.bincount(source.split("test").labels).tolist() == [1000] * 10
-    batch = next(data.pretrain_batches(source, global_batch=16, image_size=32, seed=0,
-                                       process_index=0, process_count=1))
+    batch = next(
+        data.pretrain_batches(
+            source, global_batch=16, image_size=32, seed=0, process_index=0, process_count=1
+        )
+    )
     assert batch["view_a"].shape == (16, 32, 32, 3) and (batch["label"] >= 0).all()
     batch = next(data.eval_batches(source, split="test", batch_size=32, image_size=28))
     assert batch["image"].shape == (32, 28, 28, 3)
@@ -372,24 +432,39 @@ def test_tfds_source_through_mock_data():
     with tfds.testing.mock_data(num_examples=24):
         source = data.load_source("cifar10")
         assert source.num_classes == 10 and source.num_train == 24
-        out = list(data.pretrain_batches(source, global_batch=8, image_size=16, seed=0,
-                                         process_index=0, process_count=1, num_epochs=1))
+        out = list(
+            data.pretrain_batches(
+                source,
+                global_batch=8,
+                image_size=16,
+                seed=0,
+                process_index=0,
+                process_count=1,
+                num_epochs=1,
+            )
+        )
         assert len(out) == 3 and out[0]["view_b"].shape == (8, 16, 16, 3)
         batch = next(data.eval_batches(source, split="test", batch_size=24, image_size=16))
         assert batch["image"].shape == (24, 16, 16, 3) and batch["label"].dtype == np.int32
         # Variable-size images (imagenet2012) stay encoded in memory, decoded per access.
         imagenet = data.load_source("imagenet2012")
         assert imagenet.split("train").encoded
-        batch = next(data.pretrain_batches(imagenet, global_batch=8, image_size=16, seed=0,
-                                           process_index=0, process_count=1))
+        batch = next(
+            data.pretrain_batches(
+                imagenet, global_batch=8, image_size=16, seed=0, process_index=0, process_count=1
+            )
+        )
         assert batch["view_a"].shape == (8, 16, 16, 3)
 
 
 def test_prepared_tfds_array_record_and_tfrecord_give_the_same_batches(tmp_path):
     # Building a tfds dataset offline (tfds's DummyMnist) needs importlib_resources, which
     # tensorflow-datasets does not install on Python >= 3.11.
-    pytest.importorskip("importlib_resources", reason="tfds needs importlib_resources to build "
-                        "a dataset (pip install importlib_resources)")
+    pytest.importorskip(
+        "importlib_resources",
+        reason="tfds needs importlib_resources to build "
+        "a dataset (pip install importlib_resources)",
+    )
     from tensorflow_datasets.testing import test_utils
 
     out = {}
@@ -398,8 +473,11 @@ def test_prepared_tfds_array_record_and_tfrecord_give_the_same_batches(tmp_path)
         test_utils.DummyMnist(data_dir=data_dir, file_format=file_format).download_and_prepare()
         source = data.load_source("dummy_mnist", data_dir)
         assert source.split("train").encoded == (file_format == "array_record")  # random access
-        out[file_format] = next(data.pretrain_batches(
-            source, global_batch=8, image_size=16, seed=0, process_index=0, process_count=1))
+        out[file_format] = next(
+            data.pretrain_batches(
+                source, global_batch=8, image_size=16, seed=0, process_index=0, process_count=1
+            )
+        )
     assert same(out["array_record"], out["tfrecord"])  # PNG bytes decode to the same pixels
 
 
@@ -410,14 +488,22 @@ def test_random_access_data_source_split():
             return [self[k] for k in keys]
 
     rng = np.random.default_rng(0)
-    records = [{"image": tf.io.encode_jpeg(
-        rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).numpy(), "label": i % 4}
-        for i in range(16)]
+    records = [
+        {
+            "image": tf.io.encode_jpeg(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).numpy(),
+            "label": i % 4,
+        }
+        for i in range(16)
+    ]
     split = sources.Split(None, None, data_source=FakeDataSource(records))
-    source = sources.Source("fake", 4, {"pretrain": lambda: split, "train": lambda: split,
-                                        "test": lambda: split})
-    batch = next(data.pretrain_batches(source, global_batch=8, image_size=16, seed=0,
-                                       process_index=0, process_count=1))
+    source = sources.Source(
+        "fake", 4, {"pretrain": lambda: split, "train": lambda: split, "test": lambda: split}
+    )
+    batch = next(
+        data.pretrain_batches(
+            source, global_batch=8, image_size=16, seed=0, process_index=0, process_count=1
+        )
+    )
     np.testing.assert_array_equal(batch["label"], batch["index"] % 4)
     batch = next(data.eval_batches(source, split="test", batch_size=16, image_size=16))
     assert batch["image"].shape == (16, 16, 16, 3)
@@ -439,8 +525,9 @@ def test_unknown_dataset_lists_known_sources_and_the_closest_names():
 def test_tfds_not_prepared_says_what_to_do(tmp_path):
     with pytest.raises(data.DataNotPreparedError, match=r"tfds build cifar10 --data_dir"):
         data.load_source("cifar10", str(tmp_path))
-    with pytest.raises(data.DataNotPreparedError,
-                       match=r"(?s)downloads/manual.*ILSVRC2012_img_train"):
+    with pytest.raises(
+        data.DataNotPreparedError, match=r"(?s)downloads/manual.*ILSVRC2012_img_train"
+    ):
         data.load_source("imagenet2012", str(tmp_path))
 
 
@@ -460,8 +547,10 @@ def test_preview_writes_a_picture(tmp_path):
     from bt_jax.data import preview
 
     out = tmp_path / "views.png"
-    assert preview.main(["--dataset", "digits", "--out", str(out), "--num", "2",
-                         "--image_size", "16"]) == 0
+    assert (
+        preview.main(["--dataset", "digits", "--out", str(out), "--num", "2", "--image_size", "16"])
+        == 0
+    )
     assert out.stat().st_size > 1000
     triples = preview.preview_triples(data.load_source("digits"), num=2, image_size=16)
     assert triples.shape == (2, 3, 16, 16, 3) and triples.dtype == np.uint8
@@ -470,8 +559,14 @@ def test_preview_writes_a_picture(tmp_path):
 def preview_cli(*args, cwd=REPO):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
     env.pop("BT_JAX_VERBOSE", None)
-    return subprocess.run([sys.executable, "-m", "bt_jax.data.preview", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "bt_jax.data.preview", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def corrupt_cases(tmp_path):
@@ -487,33 +582,61 @@ def corrupt_cases(tmp_path):
     (tmp_path / "undecodable").mkdir()
     (tmp_path / "undecodable" / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     return {
-        "idx missing": (["--dataset", "idx", "--data_dir", str(tmp_path / "nowhere")],
-                        "IDX source: directory .*nowhere.* does not exist. Install Debian's"),
-        "folder missing": (["--dataset", "folder", "--data_dir", str(tmp_path / "nowhere")],
-                           "folder source: .*nowhere.* is not a directory"),
-        "folder empty": (["--dataset", "folder", "--data_dir", str(tmp_path / "empty")],
-                         "folder source: no image files"),
-        "folder undecodable": (["--dataset", "folder", "--data_dir",
-                                str(tmp_path / "undecodable")],
-                               "none of the 1 image files .* could be decoded .*a.jpg"),
-        "idx truncated gzip": (["--dataset", "idx", "--data_dir", str(tmp_path / "gz")],
-                               "train-images-idx3-ubyte.gz: the gzip file is truncated"),
-        "idx truncated": (["--dataset", "idx", "--data_dir", str(tmp_path / "raw")],
-                          "train-images-idx3-ubyte: the IDX header says shape"),
-        "digits data_dir": (["--dataset", "digits", "--data_dir", str(tmp_path)],
-                            "digits source is embedded in scikit-learn"),
-        "unknown tfds name": (["--dataset", "cifar_ten"], "unknown dataset 'cifar_ten'.*Did you "
-                                                          "mean 'cifar10'"),
-        "tfds not prepared": (["--dataset", "cifar10", "--data_dir", str(tmp_path / "tfds")],
-                              "tfds dataset 'cifar10' is not prepared in .*tfds"),
-        "bad image size": (["--dataset", "digits", "--image_size", "4"],
-                           "image_size must be at least 8"),
+        "idx missing": (
+            ["--dataset", "idx", "--data_dir", str(tmp_path / "nowhere")],
+            "IDX source: directory .*nowhere.* does not exist. Install Debian's",
+        ),
+        "folder missing": (
+            ["--dataset", "folder", "--data_dir", str(tmp_path / "nowhere")],
+            "folder source: .*nowhere.* is not a directory",
+        ),
+        "folder empty": (
+            ["--dataset", "folder", "--data_dir", str(tmp_path / "empty")],
+            "folder source: no image files",
+        ),
+        "folder undecodable": (
+            ["--dataset", "folder", "--data_dir", str(tmp_path / "undecodable")],
+            "none of the 1 image files .* could be decoded .*a.jpg",
+        ),
+        "idx truncated gzip": (
+            ["--dataset", "idx", "--data_dir", str(tmp_path / "gz")],
+            "train-images-idx3-ubyte.gz: the gzip file is truncated",
+        ),
+        "idx truncated": (
+            ["--dataset", "idx", "--data_dir", str(tmp_path / "raw")],
+            "train-images-idx3-ubyte: the IDX header says shape",
+        ),
+        "digits data_dir": (
+            ["--dataset", "digits", "--data_dir", str(tmp_path)],
+            "digits source is embedded in scikit-learn",
+        ),
+        "unknown tfds name": (
+            ["--dataset", "cifar_ten"],
+            "unknown dataset 'cifar_ten'.*Did you mean 'cifar10'",
+        ),
+        "tfds not prepared": (
+            ["--dataset", "cifar10", "--data_dir", str(tmp_path / "tfds")],
+            "tfds dataset 'cifar10' is not prepared in .*tfds",
+        ),
+        "bad image size": (
+            ["--dataset", "digits", "--image_size", "4"],
+            "image_size must be at least 8",
+        ),
     }
 
 
-CASES = ["idx missing", "folder missing", "folder empty", "folder undecodable",
-         "idx truncated gzip", "idx truncated", "digits data_dir", "unknown tfds name",
-         "tfds not prepared", "bad image size"]
+CASES = [
+    "idx missing",
+    "folder missing",
+    "folder empty",
+    "folder undecodable",
+    "idx truncated gzip",
+    "idx truncated",
+    "digits data_dir",
+    "unknown tfds name",
+    "tfds not prepared",
+    "bad image size",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -543,6 +666,7 @@ for pipeline in pipelines:
 print("ok", flush=True)
 """
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

@@ -13,25 +13,23 @@ import jax
 import numpy as np
 import pytest
 import tensorflow as tf
-
-from bt_jax import checkpoint
-from bt_jax import config as config_lib
-from bt_jax import data
-from bt_jax import evaluate as ev
-from bt_jax.evaluate import baselines
-from bt_jax.evaluate import logreg
-from bt_jax.train import loop
-
 from train_helpers import REPO, subprocess_env
 from train_helpers import tiny_config as tiny_training_config
+
+from bt_jax import checkpoint, data
+from bt_jax import config as config_lib
+from bt_jax import evaluate as ev
+from bt_jax.evaluate import baselines, logreg
+from bt_jax.train import loop
 
 ALL_SETTINGS = {"pretrained", "random_init", "random_init_bn", "random_fan_in_bn"}
 
 
 def tiny_config(**overrides):
     """The trainers' tiny config, as a 2-step run at batch 32 with a checkpoint every step."""
-    config = tiny_training_config(batch_size=32, max_steps=2, logging__every_steps=1,
-                                  checkpoint__every_steps=1, **overrides)
+    config = tiny_training_config(
+        batch_size=32, max_steps=2, logging__every_steps=1, checkpoint__every_steps=1, **overrides
+    )
     config.eval.at_end = False  # the quick evaluation is tested here, not run by the fixture
     return config
 
@@ -69,14 +67,14 @@ def test_knn_weighted_vote_by_hand():
     np.testing.assert_allclose(sharp[0], [math.exp(10), math.exp(8) + math.exp(6)], rtol=1e-5)
     # A high temperature flattens the weights: the two class-1 neighbours outvote the nearest.
     flat = ev.knn_scores(train_x, train_y, query, num_classes=2, k=3, temperature=10.0)
-    np.testing.assert_allclose(flat[0], [math.exp(0.1), math.exp(0.08) + math.exp(0.06)],
-                               rtol=1e-5)
+    np.testing.assert_allclose(flat[0], [math.exp(0.1), math.exp(0.08) + math.exp(0.06)], rtol=1e-5)
     assert sharp[0].argmax() == 0 and flat[0].argmax() == 1
     # k = 1: only the nearest votes; k beyond the train size is clipped to it.
     nearest = ev.knn_scores(train_x, train_y, query, num_classes=2, k=1, temperature=0.1)
     np.testing.assert_allclose(nearest[0], [math.exp(10), 0.0], rtol=1e-5)
-    result = ev.knn_protocol(train_x, train_y, query, np.array([1]), num_classes=2, k=200,
-                             temperature=10.0)
+    result = ev.knn_protocol(
+        train_x, train_y, query, np.array([1]), num_classes=2, k=200, temperature=10.0
+    )
     assert result["k"] == 3 and result["top1"] == 1.0
 
 
@@ -96,8 +94,7 @@ def test_knn_matches_a_numpy_transcription_across_chunks():
     train_x = rng.normal(size=(50, 8)).astype(np.float32)
     train_y = rng.integers(0, 4, 50)
     test_x = rng.normal(size=(23, 8)).astype(np.float32)  # not a multiple of the chunk: padded
-    got = ev.knn_scores(train_x, train_y, test_x, num_classes=4, k=7, temperature=0.5,
-                        chunk_size=8)
+    got = ev.knn_scores(train_x, train_y, test_x, num_classes=4, k=7, temperature=0.5, chunk_size=8)
     want = numpy_knn(train_x, train_y, test_x, 4, 7, 0.5)
     assert got.shape == (23, 4)
     np.testing.assert_allclose(got, want, rtol=1e-4)
@@ -177,10 +174,17 @@ def test_every_protocol_is_registered_by_name():
 
 def test_cli_writes_knn_results_beside_the_baselines(run_dir):
     # One device: the checkpoint was saved from 8, and must restore on any topology.
-    command = [sys.executable, "-m", "bt_jax.evaluate", f"--workdir={run_dir}",
-               "--protocol=knn", "--config.eval.knn_k=20"]
-    process = subprocess.run(command, cwd=REPO, env=subprocess_env(1), capture_output=True,
-                             text=True, timeout=300)
+    command = [
+        sys.executable,
+        "-m",
+        "bt_jax.evaluate",
+        f"--workdir={run_dir}",
+        "--protocol=knn",
+        "--config.eval.knn_k=20",
+    ]
+    process = subprocess.run(
+        command, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300
+    )
     assert process.returncode == 0, process.stderr[-3000:]
     with open(os.path.join(run_dir, "eval_knn.json")) as f:
         record = json.load(f)
@@ -191,9 +195,12 @@ def test_cli_writes_knn_results_beside_the_baselines(run_dir):
         assert_accuracies(result)
         assert result["k"] == 20
     assert record["seconds"] > 0
-    tags = {value.tag for path in glob.glob(os.path.join(run_dir, "events.out.tfevents*"))
-            for event in tf.compat.v1.train.summary_iterator(path)
-            for value in event.summary.value}
+    tags = {
+        value.tag
+        for path in glob.glob(os.path.join(run_dir, "events.out.tfevents*"))
+        for event in tf.compat.v1.train.summary_iterator(path)
+        for value in event.summary.value
+    }
     assert {"eval/knn_top1", "eval/knn_top1_random_init", "eval/knn_top1_random_init_bn"} <= tags
 
 
@@ -208,8 +215,13 @@ def test_linear_protocol_for_one_epoch(run_dir):
 
 
 def test_finetune_on_label_subsets(run_dir):
-    record = ev.evaluate(run_dir, "finetune", baselines=False, write=False, overrides={
-        "eval.finetune_epochs": 2, "eval.label_fractions": (0.1,)})
+    record = ev.evaluate(
+        run_dir,
+        "finetune",
+        baselines=False,
+        write=False,
+        overrides={"eval.finetune_epochs": 2, "eval.label_fractions": (0.1,)},
+    )
     result = record["results"]["pretrained"]
     assert list(result) == ["10%"]
     assert_accuracies(result["10%"])
@@ -253,19 +265,23 @@ def test_recomputed_batch_norm_statistics_are_the_training_mode_average(run_dir)
     first = recomputed["batch_stats"]["bn1"]
     assert not np.allclose(first["mean"], initial["batch_stats"]["bn1"]["mean"])
     images = []
-    for batch in data.eval_batches(context.source, split="train", batch_size=256,
-                                   image_size=16, resize_size=16):
+    for batch in data.eval_batches(
+        context.source, split="train", batch_size=256, image_size=16, resize_size=16
+    ):
         images.append(batch["image"])
         if len(images) == 2:
             break
-    from bt_jax.data import photometric
     import jax.numpy as jnp
+
+    from bt_jax.data import photometric
+
     kernel = initial["params"]["conv1"]["kernel"]
     means = []
     for batch in images:
         x = photometric.normalize(jnp.asarray(batch))
-        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
         means.append(np.asarray(jnp.mean(y, axis=(0, 1, 2))))
     np.testing.assert_allclose(first["mean"], np.mean(means, axis=0), rtol=1e-4, atol=1e-5)
 
@@ -277,10 +293,16 @@ def test_checkpoints_load_whatever_else_the_state_holds(run_dir, tmp_path):
     workdir = str(tmp_path / "other_state")
     shutil.copytree(run_dir, workdir, ignore=shutil.ignore_patterns("checkpoints"))
     manager = checkpoint.open_manager(workdir, keep=2)
-    checkpoint.save(manager, 7, {"params": {"backbone": variables["params"]},
-                                 "batch_stats": {"backbone": variables["batch_stats"]},
-                                 "some_future_field": np.arange(3)},
-                    config_lib.resume_identity(config))
+    checkpoint.save(
+        manager,
+        7,
+        {
+            "params": {"backbone": variables["params"]},
+            "batch_stats": {"backbone": variables["batch_stats"]},
+            "some_future_field": np.arange(3),
+        },
+        config_lib.resume_identity(config),
+    )
     manager.wait_until_finished()
     manager.close()
     restored, step = ev.load_variables(workdir, config)
@@ -300,9 +322,14 @@ def test_checkpoints_load_whatever_else_the_state_holds(run_dir, tmp_path):
 
 
 def run_cli(*args, devices=1):
-    return subprocess.run([sys.executable, "-m", "bt_jax.evaluate", *args], cwd=REPO,
-                          env=subprocess_env(devices), capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "bt_jax.evaluate", *args],
+        cwd=REPO,
+        env=subprocess_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_a_workdir_without_checkpoints_says_what_to_do(run_dir, tmp_path):
@@ -329,8 +356,11 @@ def test_a_checkpoint_of_another_architecture_is_refused(run_dir, tmp_path):
     saved["model"]["width"] = 8
     with open(path, "w") as f:
         json.dump(saved, f)
-    with pytest.raises(ev.ArchitectureMismatchError, match=r"width=8.*conv1/kernel is "
-                       r"\(3, 3, 3, 4\) there but \(3, 3, 3, 8\)"):
+    with pytest.raises(
+        ev.ArchitectureMismatchError,
+        match=r"width=8.*conv1/kernel is "
+        r"\(3, 3, 3, 4\) there but \(3, 3, 3, 8\)",
+    ):
         ev.evaluate(workdir, "knn")
     shutil.rmtree(os.path.join(workdir, "checkpoints"))  # the exported backbone is checked too
     with pytest.raises(ev.ArchitectureMismatchError, match="backbone.msgpack"):

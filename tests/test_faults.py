@@ -15,19 +15,23 @@ import time
 
 import numpy as np
 import pytest
+from train_helpers import REPO, restore_params, subprocess_env, tiny_config, trainer_command
 
-from bt_jax import checkpoint
+from bt_jax import checkpoint, divergence, metric_logging
 from bt_jax import config as config_lib
-from bt_jax import divergence
-from bt_jax import metric_logging
 from bt_jax import workdir as workdir_lib
 from bt_jax.train import loop
-from train_helpers import REPO, restore_params, subprocess_env, tiny_config, trainer_command
 
 
 def run_cli(args, *, cwd=REPO, devices=1, timeout=300, **env):
-    return subprocess.run(args, cwd=cwd, env=subprocess_env(devices, **env), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        args,
+        cwd=cwd,
+        env=subprocess_env(devices, **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def assert_one_line_error(result, pattern, status=1):
@@ -54,9 +58,17 @@ def test_divergence_stops_before_saving_and_keeps_the_last_good_checkpoint(tmp_p
     workdir = str(tmp_path / "diverged")
     # An absurd learning rate: LARS scales each weight update to 125x the weight's norm, so the
     # weights grow ~125x a step, well past float32's safe range within a dozen steps.
-    config = tiny_config(max_steps=30, batch_size=32, num_epochs=1, optim__warmup_epochs=0,
-                         checkpoint__every_steps=1, checkpoint__keep=1, logging__every_steps=1,
-                         optim__learning_rate_weights=1e6, eval__at_end=False)
+    config = tiny_config(
+        max_steps=30,
+        batch_size=32,
+        num_epochs=1,
+        optim__warmup_epochs=0,
+        checkpoint__every_steps=1,
+        checkpoint__keep=1,
+        logging__every_steps=1,
+        optim__learning_rate_weights=1e6,
+        eval__at_end=False,
+    )
     with pytest.raises(divergence.DivergenceError, match=r"step \d+") as error:
         loop.train_and_evaluate(config, workdir)
     message = str(error.value)
@@ -71,10 +83,12 @@ def test_divergence_stops_before_saving_and_keeps_the_last_good_checkpoint(tmp_p
 def test_the_collapse_signature_and_huge_states_are_divergence():
     last_good = lambda: "the last good checkpoint (step 3) is intact"  # noqa: E731
     with pytest.raises(divergence.DivergenceError, match="constant over the batch at step 7"):
-        divergence.check_metrics(7, {"loss": 512.0, "invariance": 512.0, "redundancy": 0.0},
-                                 512, last_good)
-    divergence.check_metrics(7, {"loss": 500.0, "invariance": 499.0, "redundancy": 3.0}, 512,
-                             last_good)
+        divergence.check_metrics(
+            7, {"loss": 512.0, "invariance": 512.0, "redundancy": 0.0}, 512, last_good
+        )
+    divergence.check_metrics(
+        7, {"loss": 500.0, "invariance": 499.0, "redundancy": 3.0}, 512, last_good
+    )
     with pytest.raises(divergence.DivergenceError, match="largest magnitude 1e\\+19"):
         divergence.check_state(9, 1e19, last_good)
     with pytest.raises(divergence.DivergenceError, match="not finite"):
@@ -90,9 +104,12 @@ def test_evaluation_refuses_a_checkpoint_with_non_finite_values(tmp_path):
     variables = checkpoint.read_variables(workdir, 1, part=None)
     variables["params"]["backbone"]["conv1"]["kernel"][0, 0, 0, 0] = np.nan
     manager = checkpoint.open_manager(workdir, keep=5)
-    checkpoint.save(manager, 2, {"params": variables["params"],
-                                 "batch_stats": variables["batch_stats"]},
-                    config_lib.resume_identity(config))
+    checkpoint.save(
+        manager,
+        2,
+        {"params": variables["params"], "batch_stats": variables["batch_stats"]},
+        config_lib.resume_identity(config),
+    )
     manager.wait_until_finished()
     manager.close()
     with pytest.raises(checkpoint.CheckpointError, match="non-finite.*conv1/kernel.*--step"):
@@ -111,8 +128,9 @@ def test_a_failed_start_writes_nothing_and_the_corrected_command_runs(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="eval_resize"):
         loop.train_and_evaluate(tiny_config(data__eval_resize=8), str(workdir))
     assert not workdir.exists() or not any(workdir.iterdir())
-    loop.train_and_evaluate(tiny_config(max_steps=1, batch_size=32, eval__at_end=False),
-                            str(workdir))
+    loop.train_and_evaluate(
+        tiny_config(max_steps=1, batch_size=32, eval__at_end=False), str(workdir)
+    )
     assert (workdir / "checkpoints" / "1").is_dir()
 
 
@@ -120,8 +138,10 @@ def test_a_failed_start_writes_nothing_and_the_corrected_command_runs(tmp_path):
 def small_run(tmp_path_factory):
     """Two checkpoints (steps 1 and 2) of a tiny run, no end-of-run evaluation."""
     workdir = tmp_path_factory.mktemp("small") / "run"
-    loop.train_and_evaluate(tiny_config(max_steps=2, batch_size=32, checkpoint__every_steps=1,
-                                        eval__at_end=False), str(workdir))
+    loop.train_and_evaluate(
+        tiny_config(max_steps=2, batch_size=32, checkpoint__every_steps=1, eval__at_end=False),
+        str(workdir),
+    )
     return workdir
 
 
@@ -131,22 +151,28 @@ def copy_of(run, tmp_path, name="copy"):
     return destination
 
 
-def test_a_changed_run_is_refused_by_the_checkpoint_itself_without_config_json(small_run,
-                                                                             tmp_path):
+def test_a_changed_run_is_refused_by_the_checkpoint_itself_without_config_json(small_run, tmp_path):
     workdir = copy_of(small_run, tmp_path)
     (workdir / "config.json").unlink()
     before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
-    with pytest.raises(checkpoint.IncompatibleCheckpointError,
-                       match="checkpoints/2 holds a run with another config.*batch_size: saved "
-                             "32, given 64"):
-        loop.train_and_evaluate(tiny_config(max_steps=3, batch_size=64,
-                                            checkpoint__every_steps=1), str(workdir))
+    with pytest.raises(
+        checkpoint.IncompatibleCheckpointError,
+        match="checkpoints/2 holds a run with another config.*batch_size: saved 32, given 64",
+    ):
+        loop.train_and_evaluate(
+            tiny_config(max_steps=3, batch_size=64, checkpoint__every_steps=1), str(workdir)
+        )
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
     # Turning the online probe off changes the state's shape: refused the same way.
-    with pytest.raises(checkpoint.IncompatibleCheckpointError, match="probe.enabled: saved "
-                       "True, given False"):
-        loop.train_and_evaluate(tiny_config(max_steps=3, batch_size=32, probe__enabled=False,
-                                            checkpoint__every_steps=1), str(workdir))
+    with pytest.raises(
+        checkpoint.IncompatibleCheckpointError, match="probe.enabled: saved True, given False"
+    ):
+        loop.train_and_evaluate(
+            tiny_config(
+                max_steps=3, batch_size=32, probe__enabled=False, checkpoint__every_steps=1
+            ),
+            str(workdir),
+        )
 
 
 def test_a_truncated_config_json_is_one_line_naming_it(small_run, tmp_path):
@@ -167,8 +193,10 @@ def test_a_second_run_on_a_live_workdir_is_refused(small_run, tmp_path):
     # A lease whose process is dead is stale: the run takes it over and resumes.
     lease.owner["pid"] = 2**22 + 12345
     lease._write()
-    loop.train_and_evaluate(tiny_config(max_steps=3, batch_size=32, checkpoint__every_steps=1,
-                                        eval__at_end=False), str(workdir))
+    loop.train_and_evaluate(
+        tiny_config(max_steps=3, batch_size=32, checkpoint__every_steps=1, eval__at_end=False),
+        str(workdir),
+    )
     assert (workdir / "checkpoints" / "3").is_dir()
     assert not (workdir / workdir_lib.LOCK_FILE).exists()
 
@@ -183,13 +211,16 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(small_run, tmp
     for path in (workdir / "checkpoints" / "2" / "state").rglob("*"):
         if path.is_file() and path.stat().st_size > 1:
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    state = loop.train_and_evaluate(tiny_config(max_steps=3, batch_size=32,
-                                                checkpoint__every_steps=1, eval__at_end=False),
-                                    str(workdir))
+    state = loop.train_and_evaluate(
+        tiny_config(max_steps=3, batch_size=32, checkpoint__every_steps=1, eval__at_end=False),
+        str(workdir),
+    )
     assert int(state.step) == 3
     assert (workdir / checkpoint.UNREADABLE / "2").is_dir()  # set aside, not deleted
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()
-                  if p.name.isdigit()) == ["2", "3"]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+        "2",
+        "3",
+    ]
     # Steps 2 and 3 were recomputed from step 1; each is logged once.
     steps = [r["step"] for r in metric_logging.read_metrics(workdir) if "loss" in r]
     assert steps == sorted(set(steps))
@@ -218,8 +249,14 @@ def wait_for(predicate, process, timeout=300):
 @pytest.mark.parametrize("delay", [0.5, 4.0, 9.0])
 def test_ctrl_c_during_start_up_is_one_line_never_a_crash(tmp_path, delay):
     workdir = tmp_path / "run"
-    process = subprocess.Popen(train_cli(workdir), cwd=REPO, env=subprocess_env(2),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        train_cli(workdir),
+        cwd=REPO,
+        env=subprocess_env(2),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(delay)
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
@@ -233,9 +270,14 @@ def test_ctrl_c_during_start_up_is_one_line_never_a_crash(tmp_path, delay):
 
 def test_ctrl_c_during_the_end_of_run_evaluation_stops_and_can_be_rerun(tmp_path):
     workdir = tmp_path / "run"
-    process = subprocess.Popen(train_cli(workdir, max_steps=2), cwd=REPO,
-                               env=subprocess_env(2), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        train_cli(workdir, max_steps=2),
+        cwd=REPO,
+        env=subprocess_env(2),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(lambda: (workdir / checkpoint.MODEL_FILE).exists(), process)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
@@ -245,8 +287,16 @@ def test_ctrl_c_during_the_end_of_run_evaluation_stops_and_can_be_rerun(tmp_path
     assert "Traceback" not in stderr
     assert (workdir / "checkpoints" / "2").is_dir()
     assert not (workdir / workdir_lib.LOCK_FILE).exists()
-    result = run_cli([sys.executable, "-m", "bt_jax.evaluate", f"--workdir={workdir}",
-                      "--protocol=logreg", "--baselines=false"])
+    result = run_cli(
+        [
+            sys.executable,
+            "-m",
+            "bt_jax.evaluate",
+            f"--workdir={workdir}",
+            "--protocol=logreg",
+            "--baselines=false",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((workdir / "eval_logreg.json").read_text())["step"] == 2
 
@@ -255,16 +305,19 @@ def test_ctrl_c_during_the_end_of_run_evaluation_stops_and_can_be_rerun(tmp_path
 # Bad input: one line each.
 
 
-@pytest.mark.parametrize("flags, pattern", [
-    (["--config.no_such_key=1"], r"no_such_key"),
-    (["--config.model.widht=8"], r"widht"),
-    (["--config=/nonexistent/recipe.py"], r"/nonexistent/recipe.py"),
-    (["--config.optim.learning_rate_weights=-0.2"], r"learning_rate_weights=-0.2.*> 0"),
-    (["--config.optim.learning_rate_weights=nan"], r"learning_rate_weights=nan"),
-    (["--config.optim.learning_rate_weights=0"], r"learning_rate_weights=0.0.*> 0"),
-    (["--config.data.dataset=idx", "--config.data.data_dir=/nonexistent"], r"/nonexistent"),
-    (["--config.data.dataset=folder", "--config.data.data_dir=/nonexistent"], r"/nonexistent"),
-])
+@pytest.mark.parametrize(
+    "flags, pattern",
+    [
+        (["--config.no_such_key=1"], r"no_such_key"),
+        (["--config.model.widht=8"], r"widht"),
+        (["--config=/nonexistent/recipe.py"], r"/nonexistent/recipe.py"),
+        (["--config.optim.learning_rate_weights=-0.2"], r"learning_rate_weights=-0.2.*> 0"),
+        (["--config.optim.learning_rate_weights=nan"], r"learning_rate_weights=nan"),
+        (["--config.optim.learning_rate_weights=0"], r"learning_rate_weights=0.0.*> 0"),
+        (["--config.data.dataset=idx", "--config.data.data_dir=/nonexistent"], r"/nonexistent"),
+        (["--config.data.dataset=folder", "--config.data.data_dir=/nonexistent"], r"/nonexistent"),
+    ],
+)
 def test_bad_flags_are_one_line(tmp_path, flags, pattern):
     workdir = tmp_path / "run"
     result = run_cli([sys.executable, "-m", "bt_jax.train", f"--workdir={workdir}", *flags])
@@ -276,8 +329,15 @@ def test_bad_flags_are_one_line(tmp_path, flags, pattern):
 def test_a_broken_config_file_is_one_line(tmp_path):
     recipe = tmp_path / "recipe.py"
     recipe.write_text("def get_config(:\n    pass\n")
-    result = run_cli([sys.executable, "-m", "bt_jax.train", f"--workdir={tmp_path / 'run'}",
-                      f"--config={recipe}"])
+    result = run_cli(
+        [
+            sys.executable,
+            "-m",
+            "bt_jax.train",
+            f"--workdir={tmp_path / 'run'}",
+            f"--config={recipe}",
+        ]
+    )
     assert_one_line_error(result, r"recipe.py", status=2)
 
 
@@ -312,16 +372,27 @@ def test_an_unusable_workdir_is_one_line_before_any_compute(tmp_path, layout):
 def test_disk_full_is_one_line_naming_the_last_complete_checkpoint(tmp_path):
     mount = tmp_path / "small_disk"
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount)],
-                          capture_output=True)
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount)], capture_output=True
+    )
     if made.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
     try:
-        result = run_cli(train_cli(mount / "run", max_steps=40, batch_size=32,
-                                   checkpoint__every_steps=1, checkpoint__keep=40))
-        assert_one_line_error(result, r"(No space left on device|Saving the checkpoint).*"
-                                      r"(last complete checkpoint is step \d+|no checkpoint is "
-                                      r"complete)")
+        result = run_cli(
+            train_cli(
+                mount / "run",
+                max_steps=40,
+                batch_size=32,
+                checkpoint__every_steps=1,
+                checkpoint__keep=40,
+            )
+        )
+        assert_one_line_error(
+            result,
+            r"(No space left on device|Saving the checkpoint).*"
+            r"(last complete checkpoint is step \d+|no checkpoint is "
+            r"complete)",
+        )
         assert len(result.stderr.splitlines()) < 40
     finally:
         subprocess.run(["umount", "-l", str(mount)])

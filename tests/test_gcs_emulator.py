@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
-import pathlib
 import textwrap
 import time
 import urllib.request
@@ -27,12 +27,11 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from epath_round_trip import check_epath_round_trip
 from etils import epath
+from gcs_emulator import GcsEmulator
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
-
-from epath_round_trip import check_epath_round_trip
-from gcs_emulator import GcsEmulator
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -41,9 +40,11 @@ def object_names(emulator: GcsEmulator, prefix: epath.Path) -> list[str]:
     """The bucket's object names under prefix, from the JSON API: no client, no cache."""
     key = str(prefix).removeprefix(f"gs://{emulator.bucket}/")
     with urllib.request.urlopen(
-            f"{emulator.url}/storage/v1/b/{emulator.bucket}/o?prefix={key}/") as response:
-        return sorted(item["name"].removeprefix(f"{key}/")
-                      for item in json.load(response).get("items", []))
+        f"{emulator.url}/storage/v1/b/{emulator.bucket}/o?prefix={key}/"
+    ) as response:
+        return sorted(
+            item["name"].removeprefix(f"{key}/") for item in json.load(response).get("items", [])
+        )
 
 
 def upload(emulator: GcsEmulator, path: epath.Path, data: bytes) -> None:
@@ -51,12 +52,15 @@ def upload(emulator: GcsEmulator, path: epath.Path, data: bytes) -> None:
     key = str(path).removeprefix(f"gs://{emulator.bucket}/")
     request = urllib.request.Request(
         f"{emulator.url}/upload/storage/v1/b/{emulator.bucket}/o?uploadType=media&name={key}",
-        data=data, method="POST")
+        data=data,
+        method="POST",
+    )
     urllib.request.urlopen(request).close()
 
 
-def run_python(code: str, *args: str, env: dict[str, str | None] | None = None
-               ) -> subprocess.CompletedProcess:
+def run_python(
+    code: str, *args: str, env: dict[str, str | None] | None = None
+) -> subprocess.CompletedProcess:
     """``code`` in a fresh interpreter; ``env`` entries set (or, when None, remove) variables."""
     environment = dict(os.environ)
     for key, value in (env or {}).items():
@@ -64,8 +68,14 @@ def run_python(code: str, *args: str, env: dict[str, str | None] | None = None
             environment.pop(key, None)
         else:
             environment[key] = value
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], cwd=TESTS_DIR,
-                          env=environment, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        cwd=TESTS_DIR,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_environment_points_every_client_at_the_emulator(gcs_emulator):
@@ -107,7 +117,8 @@ def test_epath_round_trip_through_tensorflow_gfile(gcs_emulator, gcs_dir):
 
 
 def test_epath_round_trip_through_gcsfs_in_a_subprocess(gcs_emulator, gcs_dir):
-    result = run_python("""
+    result = run_python(
+        """
         import sys
         from etils import epath
         from epath_round_trip import check_epath_round_trip
@@ -119,7 +130,10 @@ def test_epath_round_trip_through_gcsfs_in_a_subprocess(gcs_emulator, gcs_dir):
         assert (root / "ckpt_old" / "1" / "x").read_text() == "x"
         assert not (root / "ckpt").exists()
         (root / "from_gcsfs.txt").write_text("written by gcsfs")
-    """, os.fspath(gcs_dir), env={"EPATH_USE_TF": "false"})
+    """,
+        os.fspath(gcs_dir),
+        env={"EPATH_USE_TF": "false"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (gcs_dir / "from_gcsfs.txt").read_text() == "written by gcsfs"  # read by TF here
 
@@ -141,13 +155,16 @@ def test_an_object_appears_whole_when_its_writer_closes(gcs_emulator, gcs_dir):
 def test_a_writer_killed_before_close_leaves_the_old_object(gcs_emulator, gcs_dir):
     path = gcs_dir / "config.json"
     path.write_text("old")
-    result = run_python("""
+    result = run_python(
+        """
         import os, signal, sys
         from etils import epath
         f = epath.Path(sys.argv[1]).open("w").__enter__()
         f.write("half of the new" * 100_000)
         os.kill(os.getpid(), signal.SIGKILL)
-    """, os.fspath(path))
+    """,
+        os.fspath(path),
+    )
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     assert object_names(gcs_emulator, gcs_dir) == ["config.json"]
     assert path.read_text() == "old"
@@ -157,7 +174,8 @@ def test_gcsfs_listings_cache_misses_other_processes_unless_disabled(gcs_emulato
     """gcsfs caches directory listings per process, so by default it does not see objects that
     another process wrote after it listed; ``use_listings_cache=False`` (in an environment:
     FSSPEC_GCS_USE_LISTINGS_CACHE=false) makes every listing a request."""
-    result = run_python("""
+    result = run_python(
+        """
         import subprocess, sys
         from etils import epath
         root = epath.Path(sys.argv[1])
@@ -167,13 +185,19 @@ def test_gcsfs_listings_cache_misses_other_processes_unless_disabled(gcs_emulato
                         f"from etils import epath; epath.Path('{root}/b').write_text('b')"],
                        check=True)
         print(sorted(p.name for p in root.iterdir()), (root / "b").exists())
-    """, os.fspath(gcs_dir), env={"EPATH_USE_TF": "false",
-                                  # gcsfs's default (importing bt_jax.files in this pytest
-                                  # process turned the cache off for its children).
-                                  "FSSPEC_GCS_USE_LISTINGS_CACHE": None})
+    """,
+        os.fspath(gcs_dir),
+        env={
+            "EPATH_USE_TF": "false",
+            # gcsfs's default (importing bt_jax.files in this pytest
+            # process turned the cache off for its children).
+            "FSSPEC_GCS_USE_LISTINGS_CACHE": None,
+        },
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split("\n")[-2] == "['a'] False"  # Stale.
-    result = run_python("""
+    result = run_python(
+        """
         import subprocess, sys
         from etils import epath
         root = epath.Path(sys.argv[1])
@@ -182,8 +206,10 @@ def test_gcsfs_listings_cache_misses_other_processes_unless_disabled(gcs_emulato
                         f"from etils import epath; epath.Path('{root}/c').write_text('c')"],
                        check=True)
         print(sorted(p.name for p in root.iterdir()), (root / "c").exists())
-    """, os.fspath(gcs_dir),
-        env={"EPATH_USE_TF": "false", "FSSPEC_GCS_USE_LISTINGS_CACHE": "false"})
+    """,
+        os.fspath(gcs_dir),
+        env={"EPATH_USE_TF": "false", "FSSPEC_GCS_USE_LISTINGS_CACHE": "false"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split("\n")[-2] == "['a', 'b', 'c'] True"
 
@@ -209,9 +235,9 @@ def _abstract(state: dict) -> dict:
 
 
 def test_orbax_async_checkpoints_save_and_restore_on_gcs(gcs_emulator, gcs_dir):
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
-                                           enable_async_checkpointing=True,
-                                           cleanup_tmp_directories=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=2, create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True
+    )
     directory = gcs_dir / "checkpoints"
     with ocp.CheckpointManager(directory, options=options) as manager:
         for step in (1, 2, 3):
@@ -219,10 +245,16 @@ def test_orbax_async_checkpoints_save_and_restore_on_gcs(gcs_emulator, gcs_dir):
         manager.wait_until_finished()
         assert manager.all_steps() == [2, 3]
     # On gs:// orbax writes in place and commits with a file, not a rename.
-    assert [name for name in object_names(gcs_emulator, directory)
-            if name.endswith("commit_success.txt")] == [
-        "2/commit_success.txt", "2/default/commit_success.txt",
-        "3/commit_success.txt", "3/default/commit_success.txt"]
+    assert [
+        name
+        for name in object_names(gcs_emulator, directory)
+        if name.endswith("commit_success.txt")
+    ] == [
+        "2/commit_success.txt",
+        "2/default/commit_success.txt",
+        "3/commit_success.txt",
+        "3/default/commit_success.txt",
+    ]
     with ocp.CheckpointManager(directory, options=options) as second:
         assert second.all_steps() == [2, 3] and second.latest_step() == 3
         restored = second.restore(3, args=ocp.args.StandardRestore(_abstract(_state(0))))
@@ -236,7 +268,8 @@ def test_orbax_ignores_and_cleans_a_save_killed_before_its_commit(gcs_emulator, 
         manager.save(1, args=ocp.args.StandardSave(_state(1)))
         manager.wait_until_finished()
     # A preemption: a real SIGKILL after step 2's data is written, before its commit file.
-    result = run_python("""
+    result = run_python(
+        """
         import os, signal, sys
         import jax.numpy as jnp
         import orbax.checkpoint as ocp
@@ -250,13 +283,22 @@ def test_orbax_ignores_and_cleans_a_save_killed_before_its_commit(gcs_emulator, 
             enable_async_checkpointing=True))
         manager.save(2, args=ocp.args.StandardSave({"w": jnp.ones(4)}))
         manager.wait_until_finished()
-    """, os.fspath(directory))
+    """,
+        os.fspath(directory),
+    )
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     names = object_names(gcs_emulator, directory)
     assert "2/default/_METADATA" in names and "2/commit_success.txt" not in names
     with ocp.CheckpointManager(directory, options=options) as manager:
         assert manager.all_steps() == [1]
-        manager.wait_until_finished()  # The cleanup of uncommitted steps runs in the background.
+        # The cleanup of uncommitted steps runs in a background thread that wait_until_finished
+        # does not always wait for: give it a little while.
+        manager.wait_until_finished()
+        deadline = time.time() + 30
+        while time.time() < deadline and any(
+            name.startswith("2/") for name in object_names(gcs_emulator, directory)
+        ):
+            time.sleep(0.2)
         assert not any(name.startswith("2/") for name in object_names(gcs_emulator, directory))
         manager.save(2, args=ocp.args.StandardSave(_state(2)))
         manager.wait_until_finished()
@@ -266,8 +308,10 @@ def test_orbax_ignores_and_cleans_a_save_killed_before_its_commit(gcs_emulator, 
 
 
 def test_flax_msgpack_through_epath(gcs_emulator, gcs_dir):
-    variables = {"params": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)},
-                 "batch_stats": {"mean": np.ones(3, np.float32)}}
+    variables = {
+        "params": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)},
+        "batch_stats": {"mean": np.ones(3, np.float32)},
+    }
     path = gcs_dir / "backbone.msgpack"
     path.write_bytes(flax.serialization.msgpack_serialize(variables))
     restored = flax.serialization.msgpack_restore(path.read_bytes())
@@ -285,14 +329,15 @@ def test_tensorboard_events_written_by_clu_to_gcs_read_back_by_tensorboard(gcs_e
     writer.close()
     assert len(list(logdir.glob("events.out.tfevents.*"))) == 1
     events = event_accumulator.EventAccumulator(os.fspath(logdir)).Reload()
-    loss = [(event.step, float(tensor_util.make_ndarray(event.tensor_proto)))
-            for event in events.Tensors("loss")]
+    loss = [
+        (event.step, float(tensor_util.make_ndarray(event.tensor_proto)))
+        for event in events.Tensors("loss")
+    ]
     assert loss == [(0, 1.0), (1, 0.5), (2, pytest.approx(1 / 3))]
 
 
 @pytest.mark.parametrize("file_format", ["tfrecord", "array_record"])
-def test_tfds_reads_a_dataset_copied_into_the_bucket(gcs_emulator, gcs_dir, tmp_path,
-                                                     file_format):
+def test_tfds_reads_a_dataset_copied_into_the_bucket(gcs_emulator, gcs_dir, tmp_path, file_format):
     """Prepared locally (tfds cannot prepare into gs:// on the emulator: it renames the finished
     directory, see above, and array_record writes local files only), copied through epath, read
     from gs://: tfrecord by tf.data through TF's GCS client, array_record (as_data_source) by
@@ -300,12 +345,20 @@ def test_tfds_reads_a_dataset_copied_into_the_bucket(gcs_emulator, gcs_dir, tmp_
     images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
     labels = np.arange(6) % 3
     tfds.dataset_builders.store_as_tfds_dataset(
-        name="tiny", version="1.0.0", data_dir=tmp_path, file_format=file_format,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(8, 8, 1)),
-            "label": tfds.features.ClassLabel(num_classes=3)}),
-        split_datasets={"train": tf.data.Dataset.from_tensor_slices(
-            {"image": images, "label": labels})})
+        name="tiny",
+        version="1.0.0",
+        data_dir=tmp_path,
+        file_format=file_format,
+        features=tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(shape=(8, 8, 1)),
+                "label": tfds.features.ClassLabel(num_classes=3),
+            }
+        ),
+        split_datasets={
+            "train": tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+        },
+    )
     for local in pathlib.Path(tmp_path, "tiny").rglob("*"):
         if local.is_file():
             (gcs_dir / local.relative_to(tmp_path)).write_bytes(local.read_bytes())

@@ -6,7 +6,6 @@ import sys
 import textwrap
 
 import pytest
-
 from gcs_emulator import environment_without_emulator
 from train_helpers import REPO
 
@@ -37,14 +36,19 @@ def test_the_core_installs_alone_and_imports_no_tensorflow(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
     # The real network: a GCS emulator started earlier in this process routes HTTPS elsewhere.
-    install = subprocess.run([python, "-m", "pip", "install", "-q", REPO], capture_output=True,
-                             text=True, timeout=900, env=environment_without_emulator())
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", REPO],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=environment_without_emulator(),
+    )
     assert install.returncode == 0, install.stderr[-3000:]
     listed = subprocess.run([python, "-m", "pip", "list"], capture_output=True, text=True).stdout
-    for package in ("tensorflow", "tensorflow-datasets", "clu", "ml-collections",
-                    "scikit-learn"):
+    for package in ("tensorflow", "tensorflow-datasets", "clu", "ml-collections", "scikit-learn"):
         assert f"\n{package} " not in listed.lower(), package
-    result = subprocess.run([python, "-c", SCRIPT], capture_output=True, text=True, timeout=600,
-                            cwd=tmp_path)
+    result = subprocess.run(
+        [python, "-c", SCRIPT], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("ok")

@@ -58,6 +58,7 @@ def official_loss_jax(z_a, z_b, lambd=0.0051, eps=1e-5):
 
     A constant column standardises to 0 (the documented convention), by a where whose other
     branch is never 0/0, so that autodiff gives it a zero gradient rather than NaN."""
+
     def bn(z):
         shifted = z - z[0]  # Exact for a constant column, whatever the mean's rounding.
         centred = shifted - shifted.mean(0)
@@ -119,13 +120,16 @@ def test_eps_zero_is_the_papers_normalised_cross_correlation():
     b = z_b.astype(np.float64) - z_b.mean(0)
     # The seed formula: C_ij = sum_b a_bi b_bj / (||a_i|| ||b_j||) on centred columns.
     c_seed = (a.T @ b) / np.outer(np.linalg.norm(a, axis=0), np.linalg.norm(b, axis=0))
-    chex.assert_trees_all_close(bt_jax.cross_correlation(z_a, z_b, eps=0.0), c_seed,
-                                rtol=RTOL, atol=1e-6)
+    chex.assert_trees_all_close(
+        bt_jax.cross_correlation(z_a, z_b, eps=0.0), c_seed, rtol=RTOL, atol=1e-6
+    )
     expected = np.sum((1 - np.diag(c_seed)) ** 2) + 0.0051 * (
-        np.sum(c_seed**2) - np.sum(np.diag(c_seed) ** 2))
+        np.sum(c_seed**2) - np.sum(np.diag(c_seed) ** 2)
+    )
     for method in ("dense", "gram"):
         chex.assert_trees_all_close(
-            bt_jax.barlow_twins_loss(z_a, z_b, eps=0.0, method=method), expected, rtol=RTOL)
+            bt_jax.barlow_twins_loss(z_a, z_b, eps=0.0, method=method), expected, rtol=RTOL
+        )
 
 
 def test_identical_views_of_decorrelated_embeddings_give_zero_loss():
@@ -175,10 +179,12 @@ def test_invariant_to_positive_rescaling_and_batch_permutation():
     base = bt_jax.barlow_twins_loss(z_a, z_b, eps=0.0)
     scale = np.random.default_rng(7).uniform(0.1, 10.0, size=12).astype(np.float32)
     chex.assert_trees_all_close(
-        bt_jax.barlow_twins_loss(z_a * scale, z_b / scale, eps=0.0), base, rtol=RTOL)
+        bt_jax.barlow_twins_loss(z_a * scale, z_b / scale, eps=0.0), base, rtol=RTOL
+    )
     perm = np.random.default_rng(8).permutation(24)
     chex.assert_trees_all_close(
-        bt_jax.barlow_twins_loss(z_a[perm], z_b[perm], eps=0.0), base, rtol=RTOL)
+        bt_jax.barlow_twins_loss(z_a[perm], z_b[perm], eps=0.0), base, rtol=RTOL
+    )
     # Permuting only one view breaks the pairing: a different loss.
     assert abs(float(bt_jax.barlow_twins_loss(z_a[perm], z_b, eps=0.0)) - float(base)) > 1e-2
 
@@ -191,8 +197,8 @@ def test_bfloat16_inputs_give_float32_loss(method):
     chex.assert_type(loss, jnp.float32)
     # Computed in float32 from the rounded inputs: matches the reference on those inputs exactly.
     chex.assert_trees_all_close(
-        loss, reference_loss(np.asarray(za16, np.float32), np.asarray(zb16, np.float32)),
-        rtol=RTOL)
+        loss, reference_loss(np.asarray(za16, np.float32), np.asarray(zb16, np.float32)), rtol=RTOL
+    )
     grads = jax.jit(jax.grad(bt_jax.barlow_twins_loss, argnums=(0, 1)))(za16, zb16)
     chex.assert_type(grads, jnp.bfloat16)
     chex.assert_tree_all_finite(grads)
@@ -240,18 +246,21 @@ def test_lists_and_numpy_arrays_are_accepted_as_arrays():
     want = bt_jax.barlow_twins_loss(jnp.asarray(z_a), jnp.asarray(z_b), return_terms=True)
     chex.assert_trees_all_equal(bt_jax.barlow_twins_loss(z_a, z_b, return_terms=True), want)
     chex.assert_trees_all_equal(
-        bt_jax.barlow_twins_loss(z_a.tolist(), z_b.tolist(), return_terms=True), want)
-    chex.assert_trees_all_equal(bt_jax.cross_correlation(z_a.tolist(), z_b.tolist()),
-                                bt_jax.cross_correlation(z_a, z_b))
+        bt_jax.barlow_twins_loss(z_a.tolist(), z_b.tolist(), return_terms=True), want
+    )
+    chex.assert_trees_all_equal(
+        bt_jax.cross_correlation(z_a.tolist(), z_b.tolist()), bt_jax.cross_correlation(z_a, z_b)
+    )
 
 
 def test_traced_lambd_and_eps_are_not_checked_but_work_in_a_sweep():
     z_a, z_b = random_embeddings(14, 16, 6)
     lambds = jnp.asarray([0.0, 0.0051, 0.1])
     epses = jnp.asarray([0.0, 1e-5, 1e-3])
-    sweep = jax.jit(jax.vmap(lambda lambd, eps: bt_jax.barlow_twins_loss(
-        z_a, z_b, lambd=lambd, eps=eps)))
-    want = [reference_loss(z_a, z_b, float(l), float(e)) for l, e in zip(lambds, epses)]
+    sweep = jax.jit(
+        jax.vmap(lambda lambd, eps: bt_jax.barlow_twins_loss(z_a, z_b, lambd=lambd, eps=eps))
+    )
+    want = [reference_loss(z_a, z_b, float(lam), float(e)) for lam, e in zip(lambds, epses)]
     chex.assert_trees_all_close(sweep(lambds, epses), np.asarray(want), rtol=RTOL)
     # A traced NaN has no value at trace time: it is not refused, it propagates (documented).
     assert np.isnan(sweep(jnp.asarray([np.nan]), jnp.asarray([1e-5]))[0])
@@ -276,16 +285,22 @@ def test_a_constant_dimension_standardises_to_zero(method, eps):
     # the column would standardise to +-1 noise, not 0.
     z_a = with_constant_dimensions(z_a, np.float32(0.1))
     loss_fn = functools.partial(bt_jax.barlow_twins_loss, eps=eps, method=method)
-    (loss, terms), grads = jax.jit(jax.value_and_grad(
-        functools.partial(loss_fn, return_terms=True), argnums=(0, 1), has_aux=True))(z_a, z_b)
+    (loss, terms), grads = jax.jit(
+        jax.value_and_grad(
+            functools.partial(loss_fn, return_terms=True), argnums=(0, 1), has_aux=True
+        )
+    )(z_a, z_b)
     chex.assert_tree_all_finite((loss, grads))
     # Rows 1 and 3 of C are exactly 0, so each adds exactly 1 to the invariance.
-    chex.assert_trees_all_equal(np.asarray(bt_jax.cross_correlation(z_a, z_b, eps=eps))[[1, 3]],
-                                np.zeros((2, 6), np.float32))
+    chex.assert_trees_all_equal(
+        np.asarray(bt_jax.cross_correlation(z_a, z_b, eps=eps))[[1, 3]],
+        np.zeros((2, 6), np.float32),
+    )
     chex.assert_trees_all_close(tuple(terms), reference_terms(z_a, z_b, eps)[1:], rtol=RTOL)
     with jax.enable_x64(True):
         want = jax.grad(functools.partial(official_loss_jax, eps=eps), argnums=(0, 1))(
-            jnp.asarray(z_a, jnp.float64), jnp.asarray(z_b, jnp.float64))
+            jnp.asarray(z_a, jnp.float64), jnp.asarray(z_b, jnp.float64)
+        )
     assert_tree_close(grads, want)
     if eps == 0.0:  # No direction to push a constant column in: 0, not 0/0.
         chex.assert_trees_all_equal(np.asarray(grads[0])[:, [1, 3]], np.zeros((7, 2), np.float32))
@@ -304,9 +319,13 @@ def magnitude_problem():
 def test_any_magnitude_gives_the_unit_scale_loss_and_gradients(method, scale):
     """float32 squares overflow above ~1.8e19: the old loss was D with zero gradients there."""
     z_a, z_b = magnitude_problem()
-    fn = jax.jit(jax.value_and_grad(functools.partial(
-        bt_jax.barlow_twins_loss, eps=0.0, method=method, return_terms=True), argnums=(0, 1),
-        has_aux=True))
+    fn = jax.jit(
+        jax.value_and_grad(
+            functools.partial(bt_jax.barlow_twins_loss, eps=0.0, method=method, return_terms=True),
+            argnums=(0, 1),
+            has_aux=True,
+        )
+    )
     want = fn(z_a, z_b)
     (loss, terms), grads = fn(z_a * np.float32(scale), z_b * np.float32(scale))
     chex.assert_trees_all_close((loss, terms), want[0], rtol=RTOL)
@@ -318,14 +337,18 @@ def test_any_magnitude_gives_the_unit_scale_loss_and_gradients(method, scale):
 def test_powers_of_two_scales_are_exact(method):
     """The per-column scale is a power of two: the value is bitwise the unit-scale value."""
     z_a, z_b = magnitude_problem()
-    fn = jax.jit(jax.value_and_grad(functools.partial(
-        bt_jax.barlow_twins_loss, eps=0.0, method=method), argnums=(0, 1)))
+    fn = jax.jit(
+        jax.value_and_grad(
+            functools.partial(bt_jax.barlow_twins_loss, eps=0.0, method=method), argnums=(0, 1)
+        )
+    )
     want_loss, want_grads = fn(z_a, z_b)
     for power in (-100, 60):
         loss, grads = fn(z_a * np.float32(2.0**power), z_b * np.float32(2.0**power))
         chex.assert_trees_all_equal(loss, want_loss)
-        chex.assert_trees_all_equal(jax.tree.map(lambda g: g * np.float32(2.0**power), grads),
-                                    want_grads)
+        chex.assert_trees_all_equal(
+            jax.tree.map(lambda g, power=power: g * np.float32(2.0**power), grads), want_grads
+        )
 
 
 @pytest.mark.parametrize("method", ["dense", "gram"])
@@ -333,8 +356,11 @@ def test_tiny_embeddings_with_eps_are_the_eps_regime(method):
     """With eps > 0 the loss is not scale-invariant: at 1e-30, eps dwarfs the variance."""
     z_a, z_b = magnitude_problem()
     z_a, z_b = z_a * np.float32(1e-30), z_b * np.float32(1e-30)
-    loss, (grad_a, grad_b) = jax.jit(jax.value_and_grad(
-        functools.partial(bt_jax.barlow_twins_loss, method=method), argnums=(0, 1)))(z_a, z_b)
+    loss, (grad_a, grad_b) = jax.jit(
+        jax.value_and_grad(
+            functools.partial(bt_jax.barlow_twins_loss, method=method), argnums=(0, 1)
+        )
+    )(z_a, z_b)
     chex.assert_trees_all_equal(loss, np.float32(10.0))  # C rounds to 0: loss == D.
     # ...yet the gradient, ~1e-26, is the exact one (float64: z_b - mean / (N eps) per entry).
     centred = lambda z: z.astype(np.float64) - z.astype(np.float64).mean(0)  # noqa: E731
@@ -353,8 +379,7 @@ def test_the_collapse_signature(method):
             terms = bt_jax.barlow_twins_terms(collapsed, z_b, eps=eps, method=method)
             chex.assert_trees_all_equal(tuple(terms), (np.float32(d), np.float32(0.0)))
     # Embeddings near float32's largest values (squares ~1e76) are ordinary embeddings now.
-    huge = bt_jax.barlow_twins_terms(z_a * np.float32(1e37), z_b * np.float32(1e37),
-                                     method=method)
+    huge = bt_jax.barlow_twins_terms(z_a * np.float32(1e37), z_b * np.float32(1e37), method=method)
     chex.assert_trees_all_close(tuple(huge), reference_terms(z_a, z_b, eps=0.0)[1:], rtol=RTOL)
     # Non-finite embeddings are not the signature either: NaN, for the trainer to stop on.
     for bad in (np.inf, np.nan):
@@ -398,7 +423,8 @@ def test_random_embeddings_measure_the_chance_terms():
     expected = loss_scale.chance_terms(n, d)
     variance = loss_lib.BarlowTwinsTerms(
         invariance=d * (4 / m + 3 / (m * (m + 2)) - 1 / m**2),
-        redundancy=d * (d - 1) * (3 / (m * (m + 2)) - 1 / m**2))
+        redundancy=d * (d - 1) * (3 / (m * (m + 2)) - 1 / m**2),
+    )
     for name in ("invariance", "redundancy"):
         error = getattr(measured, name) - getattr(expected, name)
         standard_error = math.sqrt(getattr(variance, name) / draws)
@@ -423,7 +449,8 @@ def test_the_loss_floor_is_attained():
     assert math.isclose(floor, d * k / (1 + k))
     for method in ("dense", "gram"):
         chex.assert_trees_all_close(
-            bt_jax.barlow_twins_loss(z, z, lambd=lambd, eps=eps, method=method), floor, rtol=RTOL)
+            bt_jax.barlow_twins_loss(z, z, lambd=lambd, eps=eps, method=method), floor, rtol=RTOL
+        )
     # Random embeddings stay above it; with D <= N - 1 the floor is 0.
     z_a, z_b = random_embeddings(18, n, d, correlated=True)
     assert float(bt_jax.barlow_twins_loss(z_a, z_b, lambd=lambd)) > floor
@@ -453,9 +480,14 @@ def tiny_problem(embedding_dim, per_device_batch=3, seed=10):
 
 
 def objective(params, x_a, x_b, axis_name=None, method="auto", scale=1.0, eps=1e-5):
-    return bt_jax.barlow_twins_loss(scale * tiny_model(params, x_a),
-                                    scale * tiny_model(params, x_b),
-                                    lambd=0.05, axis_name=axis_name, method=method, eps=eps)
+    return bt_jax.barlow_twins_loss(
+        scale * tiny_model(params, x_a),
+        scale * tiny_model(params, x_b),
+        lambd=0.05,
+        axis_name=axis_name,
+        method=method,
+        eps=eps,
+    )
 
 
 def data_parallel_step(params, x_a, x_b, axis_name, method, scale=1.0, eps=1e-5):
@@ -511,21 +543,27 @@ class LossUnderTransformationsTest(chex.TestCase):
         pmapped = self.variant.type == chex.ChexVariantType.WITH_PMAP
         if pmapped:
             x_a, x_b = shard_batch(x_a), shard_batch(x_b)
-        step = self.variant(functools.partial(fn, axis_name="batch" if pmapped else None),
-                            axis_name="batch", in_axes=(None, 0, 0),
-                            broadcast_args_to_devices=False, reduce_fn=same_on_every_device)
+        step = self.variant(
+            functools.partial(fn, axis_name="batch" if pmapped else None),
+            axis_name="batch",
+            in_axes=(None, 0, 0),
+            broadcast_args_to_devices=False,
+            reduce_fn=same_on_every_device,
+        )
         return step(params, x_a, x_b)
 
     def _check_value_and_gradient(self, method, embedding_dim):
         params, x_a, x_b = tiny_problem(embedding_dim)
-        loss, grads = self._run(functools.partial(data_parallel_step, method=method),
-                                params, x_a, x_b)
+        loss, grads = self._run(
+            functools.partial(data_parallel_step, method=method), params, x_a, x_b
+        )
         chex.assert_type(loss, jnp.float32)
         assert_tree_close((loss, grads), float64_reference(embedding_dim))
 
     # Arguments on or off the device matter once, not per method: those variants run for dense.
-    @chex.variants(with_jit=True, without_jit=True, with_pmap=True, with_device=True,
-                   without_device=True)
+    @chex.variants(
+        with_jit=True, without_jit=True, with_pmap=True, with_device=True, without_device=True
+    )
     def test_dense_value_and_gradient_match_float64(self):
         # Width 12: with 8 devices it pads the dense method's blocks of columns.
         self._check_value_and_gradient("dense", 12)
@@ -540,10 +578,15 @@ class LossUnderTransformationsTest(chex.TestCase):
         # Parameter gradients of L(scale * f(params)) do not depend on the scale at all (eps=0).
         params, x_a, x_b = tiny_problem(16)
         x_a, x_b = with_rows_larger_on_one_device(x_a), with_rows_larger_on_one_device(x_b)
-        want = jax.jit(functools.partial(data_parallel_step, axis_name=None, method=method,
-                                         eps=0.0))(params, x_a, x_b)
-        got = self._run(functools.partial(data_parallel_step, method=method, scale=scale,
-                                          eps=0.0), params, x_a, x_b)
+        want = jax.jit(
+            functools.partial(data_parallel_step, axis_name=None, method=method, eps=0.0)
+        )(params, x_a, x_b)
+        got = self._run(
+            functools.partial(data_parallel_step, method=method, scale=scale, eps=0.0),
+            params,
+            x_a,
+            x_b,
+        )
         assert_tree_close(got, want)
 
 
@@ -560,13 +603,20 @@ def test_shard_map_equals_one_device_on_the_global_batch(method, check_vma):
     """At scale 1e30 against unit scale: the exact gradients, at any magnitude, on 8 devices."""
     params, x_a, x_b = tiny_problem(12)
     scale = 1e30
-    want = jax.jit(functools.partial(data_parallel_step, axis_name=None, method=method,
-                                     eps=0.0))(params, x_a, x_b)
-    step = jax.jit(jax.shard_map(
-        functools.partial(data_parallel_step, axis_name="batch", method=method, scale=scale,
-                          eps=0.0),
-        mesh=batch_mesh(), in_specs=(P(), P("batch"), P("batch")), out_specs=(P(), P()),
-        check_vma=check_vma))
+    want = jax.jit(functools.partial(data_parallel_step, axis_name=None, method=method, eps=0.0))(
+        params, x_a, x_b
+    )
+    step = jax.jit(
+        jax.shard_map(
+            functools.partial(
+                data_parallel_step, axis_name="batch", method=method, scale=scale, eps=0.0
+            ),
+            mesh=batch_mesh(),
+            in_specs=(P(), P("batch"), P("batch")),
+            out_specs=(P(), P()),
+            check_vma=check_vma,
+        )
+    )
     assert_tree_close(step(params, x_a, x_b), want)
 
 
@@ -575,8 +625,9 @@ def test_unreduced_gradient_convention_under_pmap():
     params, x_a, x_b = tiny_problem(16)
     want = jax.jit(jax.grad(objective))(params, x_a, x_b)
     replicated = jax.tree.map(lambda p: jnp.stack([p] * NUM_DEVICES), params)
-    raw = jax.pmap(jax.grad(functools.partial(objective, axis_name="batch")),
-                   axis_name="batch")(replicated, shard_batch(x_a), shard_batch(x_b))
+    raw = jax.pmap(jax.grad(functools.partial(objective, axis_name="batch")), axis_name="batch")(
+        replicated, shard_batch(x_a), shard_batch(x_b)
+    )
     assert_tree_close(jax.tree.map(lambda g: g.mean(0), raw), want)
     # The official code's convention would be 1/K of the total: make sure we are not that.
     with pytest.raises(AssertionError):
@@ -594,8 +645,9 @@ def test_gspmd_jit_on_batch_sharded_arrays(method, scale):
     batch_sharding = NamedSharding(mesh, P("batch"))
     x_a, x_b = jax.device_put(x_a, batch_sharding), jax.device_put(x_b, batch_sharding)
     params = jax.device_put(params, NamedSharding(mesh, P()))
-    fn = jax.jit(jax.value_and_grad(functools.partial(objective, method=method, scale=scale,
-                                                      eps=0.0)))
+    fn = jax.jit(
+        jax.value_and_grad(functools.partial(objective, method=method, scale=scale, eps=0.0))
+    )
     assert_tree_close(fn(params, x_a, x_b), want)
 
 
@@ -617,8 +669,9 @@ def test_jit_on_an_explicit_sharding_mesh(method):
 def test_cross_correlation_under_pmap_is_the_global_matrix():
     z_a, z_b = random_embeddings(11, 16, 6, correlated=True)
     want = bt_jax.cross_correlation(z_a, z_b)
-    got = jax.pmap(functools.partial(bt_jax.cross_correlation, axis_name="batch"),
-                   axis_name="batch")(shard_batch(z_a), shard_batch(z_b))
+    got = jax.pmap(
+        functools.partial(bt_jax.cross_correlation, axis_name="batch"), axis_name="batch"
+    )(shard_batch(z_a), shard_batch(z_b))
     chex.assert_trees_all_close(got, jnp.broadcast_to(want, got.shape), rtol=RTOL, atol=1e-6)
 
 
@@ -629,8 +682,9 @@ def test_each_device_computes_only_its_share():
 
     def partial_terms(za, zb):
         za_n, zb_n = loss_lib._global_standardized(za, zb, "batch", 1e-5)
-        return loss_lib._dense_partial(za_n, zb_n, NUM_DEVICES, lax.axis_index("batch"), 16,
-                                       lax.Precision.HIGHEST)
+        return loss_lib._dense_partial(
+            za_n, zb_n, NUM_DEVICES, lax.axis_index("batch"), 16, lax.Precision.HIGHEST
+        )
 
     inv, red = jax.pmap(partial_terms, axis_name="batch")(shard_batch(z_a), shard_batch(z_b))
     assert len(set(np.round(np.asarray(red), 5).tolist())) > 1

@@ -1,4 +1,5 @@
 """bt_jax.models: shapes, parameter counts, init, BatchNorm semantics, pmap, bfloat16."""
+
 import functools
 
 import jax
@@ -18,7 +19,13 @@ TORCHVISION_PARAMS = {
     "resnet101": 44_549_160,
     "resnet152": 60_192_808,
 }
-FEATURES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
+FEATURES = {
+    "resnet18": 512,
+    "resnet34": 512,
+    "resnet50": 2048,
+    "resnet101": 2048,
+    "resnet152": 2048,
+}
 
 
 def key(seed: int = 0) -> jax.Array:
@@ -71,10 +78,21 @@ def test_resnet50_backbone_without_head():
 def test_variable_names_follow_torchvision():
     variables, _ = shapes_of(models.create("resnet50", num_classes=10), (1, 64, 64, 3))
     p, s = variables["params"], variables["batch_stats"]
-    assert set(p) == {"conv1", "bn1", "fc"} | {f"layer{i + 1}_{j}" for i, n in enumerate((3, 4, 6, 3)) for j in range(n)}
-    assert set(p["layer2_0"]) == {"conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample_0", "downsample_1"}
+    assert set(p) == {"conv1", "bn1", "fc"} | {
+        f"layer{i + 1}_{j}" for i, n in enumerate((3, 4, 6, 3)) for j in range(n)
+    }
+    assert set(p["layer2_0"]) == {
+        "conv1",
+        "bn1",
+        "conv2",
+        "bn2",
+        "conv3",
+        "bn3",
+        "downsample_0",
+        "downsample_1",
+    }
     assert "downsample_0" not in p["layer2_1"]
-    # ResNet v1.5: the stride sits in the 3x3 conv; layer1_0 gets a shortcut because 64 -> 256 channels.
+    # ResNet v1.5: the stride sits in the 3x3 conv; layer1_0 gets a shortcut (64 -> 256 channels).
     assert "downsample_0" in p["layer1_0"]
     assert p["layer2_0"]["conv2"]["kernel"].shape == (3, 3, 128, 128)
     assert set(s["layer2_0"]["downsample_1"]) == {"mean", "var"}
@@ -90,9 +108,13 @@ def test_stem_kernel_and_pooling():
     def intermediates(model, size):
         x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
         variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-        apply = functools.partial(model.apply, train=False, capture_intermediates=True, mutable=["intermediates"])
+        apply = functools.partial(
+            model.apply, train=False, capture_intermediates=True, mutable=["intermediates"]
+        )
         _, state = jax.eval_shape(apply, variables, x)
-        return {k: v["__call__"][0].shape for k, v in state["intermediates"].items() if k != "__call__"}
+        return {
+            k: v["__call__"][0].shape for k, v in state["intermediates"].items() if k != "__call__"
+        }
 
     # imagenet: /2 conv, /2 max-pool before layer1, then /2 in layers 2-4 (224 -> 7).
     shapes = intermediates(models.create("resnet18", width=8), 224)
@@ -136,27 +158,36 @@ def test_conv_and_linear_init_follow_torchvision():
 
 def test_zero_init_residual_zeroes_last_bn_of_each_branch():
     # Model level for resnet18; the Bottleneck's bn3 is checked by the block test below.
-    model = models.create("resnet18", width=4, stem="cifar", zero_init_residual=True, num_classes=10)
+    model = models.create(
+        "resnet18", width=4, stem="cifar", zero_init_residual=True, num_classes=10
+    )
     params = model.init(key(0), jnp.zeros((1, 8, 8, 3)), train=False)["params"]
     blocks = [k for k in params if k.startswith("layer")]
     assert len(blocks) == 8
     for block in blocks:
         assert np.all(np.asarray(params[block]["bn2"]["scale"]) == 0), block
         assert np.all(np.asarray(params[block]["bn1"]["scale"]) == 1), block
-    assert np.all(np.asarray(params["bn1"]["scale"]) == 1) and np.all(np.asarray(params["bn1"]["bias"]) == 0)
+    assert np.all(np.asarray(params["bn1"]["scale"]) == 1) and np.all(
+        np.asarray(params["bn1"]["bias"]) == 0
+    )
     assert np.all(np.asarray(params["layer2_0"]["downsample_1"]["scale"]) == 1)
     default = models.create("resnet18", width=4, stem="cifar")
     assert not default.zero_init_residual  # torchvision's default
 
 
-@pytest.mark.parametrize("block_cls,planes,channels,strides", [
-    (BasicBlock, 8, 8, 1),  # identity shortcut
-    (BasicBlock, 16, 8, 2),  # projection shortcut
-    (Bottleneck, 4, 16, 1),  # identity shortcut (4 * 4 = 16)
-    (Bottleneck, 8, 16, 2),  # projection shortcut
-])
+@pytest.mark.parametrize(
+    "block_cls,planes,channels,strides",
+    [
+        (BasicBlock, 8, 8, 1),  # identity shortcut
+        (BasicBlock, 16, 8, 2),  # projection shortcut
+        (Bottleneck, 4, 16, 1),  # identity shortcut (4 * 4 = 16)
+        (Bottleneck, 8, 16, 2),  # projection shortcut
+    ],
+)
 @pytest.mark.parametrize("train", [True, False])
-def test_zero_init_residual_block_starts_as_its_shortcut(block_cls, planes, channels, strides, train):
+def test_zero_init_residual_block_starts_as_its_shortcut(
+    block_cls, planes, channels, strides, train
+):
     # Inputs of a block are post-ReLU, hence non-negative.
     x = jax.nn.relu(normal(1, (4, 8, 8, channels)))
     block = block_cls(planes=planes, strides=strides, zero_init_residual=True)
@@ -169,7 +200,9 @@ def test_zero_init_residual_block_starts_as_its_shortcut(block_cls, planes, chan
         return
     # The shortcut alone: 1x1 conv with the block's stride, then BatchNorm, then the block's ReLU.
     kernel = variables["params"]["downsample_0"]["kernel"]
-    y = jax.lax.conv_general_dilated(x, kernel, (strides, strides), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.lax.conv_general_dilated(
+        x, kernel, (strides, strides), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     if train:
         mean, var = y.mean(axis=(0, 1, 2)), y.var(axis=(0, 1, 2))
     else:
@@ -180,7 +213,7 @@ def test_zero_init_residual_block_starts_as_its_shortcut(block_cls, planes, chan
 
 
 def test_batchnorm_matches_pytorch_semantics():
-    """Biased batch variance, eps 1e-5, running = 0.9 * running + 0.1 * batch (PyTorch momentum 0.1)."""
+    """Biased batch variance, eps 1e-5, running = 0.9 running + 0.1 batch (PyTorch momentum 0.1)."""
     proj = models.Projector("6-5")
     x = normal(0, (16, 4)) * 3 + 1
     variables = proj.init(key(1), x)
@@ -189,7 +222,9 @@ def test_batchnorm_matches_pytorch_semantics():
     mean, var = h.mean(0), h.var(0)  # biased
     np.testing.assert_allclose(upd["batch_stats"]["bn0"]["mean"], 0.1 * mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(upd["batch_stats"]["bn0"]["var"], 0.9 + 0.1 * var, rtol=1e-5)
-    expected = jax.nn.relu((h - mean) / jnp.sqrt(var + 1e-5)) @ variables["params"]["linear1"]["kernel"]
+    expected = (
+        jax.nn.relu((h - mean) / jnp.sqrt(var + 1e-5)) @ variables["params"]["linear1"]["kernel"]
+    )
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
     # Eval mode: running averages, no update needed.
     out_eval = proj.apply(variables, x, train=False)
@@ -212,7 +247,9 @@ def test_projector_structure_and_spec_errors():
         with pytest.raises(ValueError, match="spec"):
             models.Projector(bad)
     # The official projector's size: about 151M parameters at 2048 -> 8192-8192-8192.
-    shapes = jax.eval_shape(models.Projector("8192-8192-8192").init, jax.random.PRNGKey(0), jnp.zeros((2, 2048)))
+    shapes = jax.eval_shape(
+        models.Projector("8192-8192-8192").init, jax.random.PRNGKey(0), jnp.zeros((2, 2048))
+    )
     assert count(shapes["params"]) == 2048 * 8192 + 2 * 8192 * 8192 + 4 * 8192
 
 
@@ -240,7 +277,8 @@ def test_barlow_twins_model_per_view_calls():
 
 
 def test_pmap_sync_batchnorm_equals_global_batch():
-    """8 devices x 2 images with axis_name == one device with the 16-image global batch (pmap, shard_map)."""
+    """8 devices x 2 images with axis_name == one device with the 16-image global batch
+    (pmap, shard_map)."""
     n = jax.local_device_count()
     assert n == 8
     x = normal(0, (2 * n, 8, 8, 3)) * 2 + 0.5
@@ -256,28 +294,42 @@ def test_pmap_sync_batchnorm_equals_global_batch():
         "batch_stats": jax.tree_util.tree_map(lambda v: v + 0.3, variables["batch_stats"]),
     }
     single = make(None)
-    (r_ref, z_ref), upd_ref = jax.jit(functools.partial(single.apply, mutable=["batch_stats"]))(variables, x)
+    (r_ref, z_ref), upd_ref = jax.jit(functools.partial(single.apply, mutable=["batch_stats"]))(
+        variables, x
+    )
 
     synced = make("batch")
-    step = jax.pmap(functools.partial(synced.apply, mutable=["batch_stats"]), axis_name="batch", in_axes=(None, 0))
+    step = jax.pmap(
+        functools.partial(synced.apply, mutable=["batch_stats"]),
+        axis_name="batch",
+        in_axes=(None, 0),
+    )
     (r, z), upd = step(variables, x.reshape(n, 2, *x.shape[1:]))
     np.testing.assert_allclose(r.reshape(r_ref.shape), r_ref, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(z.reshape(z_ref.shape), z_ref, rtol=1e-4, atol=1e-4)
     for dev in range(n):
         jax.tree_util.tree_map(
-            lambda a, b: np.testing.assert_allclose(a[dev], b, rtol=1e-4, atol=1e-5), upd, upd_ref
+            lambda a, b, dev=dev: np.testing.assert_allclose(a[dev], b, rtol=1e-4, atol=1e-5),
+            upd,
+            upd_ref,
         )
     # The same under shard_map over a mesh of the 8 devices.
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
     P = jax.sharding.PartitionSpec
-    sharded = jax.jit(jax.shard_map(
-        functools.partial(synced.apply, mutable=["batch_stats"]),
-        mesh=mesh, in_specs=(P(), P("batch")), out_specs=((P("batch"), P("batch")), P()),
-    ))
+    sharded = jax.jit(
+        jax.shard_map(
+            functools.partial(synced.apply, mutable=["batch_stats"]),
+            mesh=mesh,
+            in_specs=(P(), P("batch")),
+            out_specs=((P("batch"), P("batch")), P()),
+        )
+    )
     (r_s, z_s), upd_s = sharded(variables, x)
     np.testing.assert_allclose(r_s, r_ref, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(z_s, z_ref, rtol=1e-4, atol=1e-4)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), upd_s, upd_ref)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), upd_s, upd_ref
+    )
     # Without axis_name each device would normalise its own 2 images: clearly different.
     local = jax.pmap(functools.partial(single.apply, mutable=["batch_stats"]), in_axes=(None, 0))
     (_, z_local), _ = local(variables, x.reshape(n, 2, *x.shape[1:]))
@@ -290,10 +342,12 @@ def test_bfloat16_forward_close_to_float32():
     bf16 = models.create("resnet18", width=16, stem="cifar", dtype="bfloat16")
     variables = f32.init(key(1), x, train=False)
     # Parameters stay float32 under a bfloat16 computation dtype (same tree, same dtypes).
-    shapes_bf16 = jax.eval_shape(functools.partial(bf16.init, train=False), jax.random.PRNGKey(1), x)
-    assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), shapes_bf16) == jax.tree_util.tree_map(
-        lambda a: (a.shape, a.dtype), variables
+    shapes_bf16 = jax.eval_shape(
+        functools.partial(bf16.init, train=False), jax.random.PRNGKey(1), x
     )
+    assert jax.tree_util.tree_map(
+        lambda a: (a.shape, a.dtype), shapes_bf16
+    ) == jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), variables)
 
     def rel(a, b):
         assert a.dtype == jnp.float32 and np.all(np.isfinite(a))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +27,15 @@ LR_W = 0.2
 LR_B = 0.0048
 
 
-def official_lr(step: int, base: float, *, batch: int = BATCH, spe: int = STEPS_PER_EPOCH,
-                epochs: int = NUM_EPOCHS, warmup_epochs: int = WARMUP_EPOCHS) -> float:
+def official_lr(
+    step: int,
+    base: float,
+    *,
+    batch: int = BATCH,
+    spe: int = STEPS_PER_EPOCH,
+    epochs: int = NUM_EPOCHS,
+    warmup_epochs: int = WARMUP_EPOCHS,
+) -> float:
     """Transcription of ``adjust_learning_rate`` of the official main.py (float64)."""
     max_steps = epochs * spe
     warmup_steps = warmup_epochs * spe
@@ -44,8 +51,16 @@ def official_lr(step: int, base: float, *, batch: int = BATCH, spe: int = STEPS_
     return lr * base
 
 
-def official_lars_step(params: dict, grads: dict, mus: dict, lr_w: float, lr_b: float,
-                       wd: float = WD, eta: float = ETA, momentum: float = MOMENTUM) -> None:
+def official_lars_step(
+    params: dict,
+    grads: dict,
+    mus: dict,
+    lr_w: float,
+    lr_b: float,
+    wd: float = WD,
+    eta: float = ETA,
+    momentum: float = MOMENTUM,
+) -> None:
     """In-place float64 transcription of the official ``LARS.step`` (two groups)."""
     for name, p in params.items():
         dp = grads[name]
@@ -94,8 +109,9 @@ def run_optax(tx: optax.GradientTransformation, params0: dict, grad_seq: list[di
     return out
 
 
-def run_official(params0: dict, grad_seq: list[dict], lr_w: Callable[[int], float],
-                 lr_b: Callable[[int], float]) -> list[dict]:
+def run_official(
+    params0: dict, grad_seq: list[dict], lr_w: Callable[[int], float], lr_b: Callable[[int], float]
+) -> list[dict]:
     params = {k: v.copy() for k, v in params0.items()}
     mus = {k: np.zeros_like(v) for k, v in params0.items()}
     out = []
@@ -120,8 +136,13 @@ def assert_displacements_close(got: dict, want: dict, start: dict, rtol: float) 
 
 
 def default_lars() -> optax.GradientTransformation:
-    return optim.lars(global_batch=BATCH, steps_per_epoch=STEPS_PER_EPOCH, num_epochs=NUM_EPOCHS,
-                      warmup_epochs=WARMUP_EPOCHS, weight_decay=WD)
+    return optim.lars(
+        global_batch=BATCH,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        num_epochs=NUM_EPOCHS,
+        warmup_epochs=WARMUP_EPOCHS,
+        weight_decay=WD,
+    )
 
 
 def test_matches_official_lars_step_through_warmup_and_cosine():
@@ -129,7 +150,9 @@ def test_matches_official_lars_step_through_warmup_and_cosine():
     params0 = make_params(rng)
     num_steps = 6  # steps 0-1 warmup, 2-5 cosine
     grad_seq = [make_grads(rng, params0) for _ in range(num_steps)]
-    want = run_official(params0, grad_seq, lambda s: official_lr(s, LR_W), lambda s: official_lr(s, LR_B))
+    want = run_official(
+        params0, grad_seq, lambda s: official_lr(s, LR_W), lambda s: official_lr(s, LR_B)
+    )
 
     with jax.enable_x64(True):
         got = run_optax(default_lars(), params0, grad_seq)
@@ -145,9 +168,14 @@ def test_float32_close_to_official():
     rng = np.random.default_rng(1)
     params0 = make_params(rng)
     grad_seq = [make_grads(rng, params0) for _ in range(5)]
-    want = run_official(params0, grad_seq, lambda s: official_lr(s, LR_W), lambda s: official_lr(s, LR_B))
-    got = run_optax(default_lars(), {k: v.astype(np.float32) for k, v in params0.items()},
-                    [{k: v.astype(np.float32) for k, v in g.items()} for g in grad_seq])
+    want = run_official(
+        params0, grad_seq, lambda s: official_lr(s, LR_W), lambda s: official_lr(s, LR_B)
+    )
+    got = run_optax(
+        default_lars(),
+        {k: v.astype(np.float32) for k, v in params0.items()},
+        [{k: v.astype(np.float32) for k, v in g.items()} for g in grad_seq],
+    )
     for name in want[-1]:
         assert got[-1][name].dtype == np.float32
     assert_displacements_close(got[-1], want[-1], params0, rtol=2e-4)
@@ -155,12 +183,24 @@ def test_float32_close_to_official():
 
 def test_optax_lars_differs_from_official_when_lr_changes():
     rng = np.random.default_rng(2)
-    params0 = {"dense_kernel": rng.normal(size=(6, 4)), "conv_kernel": rng.normal(size=(3, 3, 2, 5))}
+    params0 = {
+        "dense_kernel": rng.normal(size=(6, 4)),
+        "conv_kernel": rng.normal(size=(3, 3, 2, 5)),
+    }
     grad_seq = [{k: rng.normal(size=v.shape) for k, v in params0.items()} for _ in range(5)]
-    schedule = optim.learning_rate_schedule(LR_W, global_batch=BATCH, steps_per_epoch=STEPS_PER_EPOCH,
-                                            num_epochs=NUM_EPOCHS, warmup_epochs=WARMUP_EPOCHS)
-    optax_lars = lambda lr: optax.lars(learning_rate=lr, weight_decay=WD, trust_coefficient=ETA,  # noqa: E731
-                                       momentum=MOMENTUM)
+    schedule = optim.learning_rate_schedule(
+        LR_W,
+        global_batch=BATCH,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        num_epochs=NUM_EPOCHS,
+        warmup_epochs=WARMUP_EPOCHS,
+    )
+    optax_lars = lambda lr: optax.lars(
+        learning_rate=lr,
+        weight_decay=WD,
+        trust_coefficient=ETA,  # noqa: E731
+        momentum=MOMENTUM,
+    )
 
     with jax.enable_x64(True):
         # Sanity: at a constant rate the two orders agree, so the test below
@@ -183,8 +223,9 @@ def test_optax_lars_differs_from_official_when_lr_changes():
 def test_schedule_values():
     spe, epochs, warmup = 10, 20, 5
     peak = LR_W * BATCH / 256
-    schedule = optim.learning_rate_schedule(LR_W, global_batch=BATCH, steps_per_epoch=spe,
-                                            num_epochs=epochs, warmup_epochs=warmup)
+    schedule = optim.learning_rate_schedule(
+        LR_W, global_batch=BATCH, steps_per_epoch=spe, num_epochs=epochs, warmup_epochs=warmup
+    )
     total, warmup_steps = epochs * spe, warmup * spe
     lrs = np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(total + 1)))
     assert lrs.dtype == np.float32
@@ -196,27 +237,41 @@ def test_schedule_values():
     assert np.all(np.diff(lrs[warmup_steps:]) < 0)  # strictly decaying afterwards
     for step in (0, 7, warmup_steps - 1, warmup_steps, warmup_steps + 1, 123, total - 1, total):
         want = official_lr(step, LR_W, spe=spe, epochs=epochs, warmup_epochs=warmup)
-        np.testing.assert_allclose(float(schedule(step)), want, rtol=1e-6, atol=1e-9, err_msg=str(step))
+        np.testing.assert_allclose(
+            float(schedule(step)), want, rtol=1e-6, atol=1e-9, err_msg=str(step)
+        )
     # Past the end the rate stays at its final value instead of rising again.
     np.testing.assert_allclose(float(schedule(total + 50)), peak * 0.001, rtol=1e-5)
     # No warmup: starts at the peak.
-    no_warmup = optim.learning_rate_schedule(LR_W, global_batch=BATCH, steps_per_epoch=spe,
-                                             num_epochs=epochs, warmup_epochs=0)
+    no_warmup = optim.learning_rate_schedule(
+        LR_W, global_batch=BATCH, steps_per_epoch=spe, num_epochs=epochs, warmup_epochs=0
+    )
     np.testing.assert_allclose(float(no_warmup(0)), peak, rtol=1e-6)
 
 
 def test_one_dimensional_params_get_no_weight_decay_and_no_trust_ratio():
-    params = {"kernel": jnp.ones((4, 3)), "bn_scale": jnp.full((3,), 5.0), "bias": jnp.full((3,), -2.0)}
+    params = {
+        "kernel": jnp.ones((4, 3)),
+        "bn_scale": jnp.full((3,), 5.0),
+        "bias": jnp.full((3,), -2.0),
+    }
     assert optim.param_labels(params) == {
-        "kernel": optim.WEIGHTS, "bn_scale": optim.BIASES_AND_BN, "bias": optim.BIASES_AND_BN}
+        "kernel": optim.WEIGHTS,
+        "bn_scale": optim.BIASES_AND_BN,
+        "bias": optim.BIASES_AND_BN,
+    }
     assert optim.is_weight(None, jnp.zeros((2, 2, 2, 2))) and optim.is_weight(None, jnp.zeros(()))
     assert not optim.is_weight(None, jnp.zeros((7,)))
 
-    tx = optim.lars(global_batch=256, steps_per_epoch=1, num_epochs=10, warmup_epochs=0,
-                    weight_decay=0.5)  # large decay: would show if applied
+    tx = optim.lars(
+        global_batch=256, steps_per_epoch=1, num_epochs=10, warmup_epochs=0, weight_decay=0.5
+    )  # large decay: would show if applied
     step = jax.jit(tx.update)
-    grads = {"kernel": jnp.full((4, 3), 0.1), "bn_scale": jnp.array([0.1, -0.2, 0.3]),
-             "bias": jnp.zeros((3,))}
+    grads = {
+        "kernel": jnp.full((4, 3), 0.1),
+        "bn_scale": jnp.array([0.1, -0.2, 0.3]),
+        "bias": jnp.zeros((3,)),
+    }
     updates, _ = step(grads, tx.init(params), params)
     lr_b = 0.0048  # peak at step 0 without warmup, batch 256
     # Plain SGD-with-momentum update: no trust ratio (eta would shrink it by ~1e3)
@@ -232,9 +287,16 @@ def test_one_dimensional_params_get_no_weight_decay_and_no_trust_ratio():
 def test_config_group_builds_the_optimizer_and_its_logged_rates():
     """optim.lars(**config.optim, ...) is the official step; current_learning_rates takes the
     same arguments and gives the schedule's values, eagerly and under jit."""
-    optim_config = ml_collections.ConfigDict(dict(
-        learning_rate_weights=LR_W, learning_rate_biases=LR_B, weight_decay=WD,
-        momentum=MOMENTUM, trust_coefficient=ETA, warmup_epochs=WARMUP_EPOCHS))
+    optim_config = ml_collections.ConfigDict(
+        dict(
+            learning_rate_weights=LR_W,
+            learning_rate_biases=LR_B,
+            weight_decay=WD,
+            momentum=MOMENTUM,
+            trust_coefficient=ETA,
+            warmup_epochs=WARMUP_EPOCHS,
+        )
+    )
     sizes = dict(global_batch=BATCH, steps_per_epoch=STEPS_PER_EPOCH, num_epochs=NUM_EPOCHS)
     rng = np.random.default_rng(3)
     params0 = make_params(rng)
@@ -252,7 +314,8 @@ def test_config_group_builds_the_optimizer_and_its_logged_rates():
         np.testing.assert_allclose(rates["lr_weights"], official_lr(step, LR_W), rtol=1e-6)
         np.testing.assert_allclose(rates["lr_biases"], official_lr(step, LR_B), rtol=1e-6)
     traced = jax.jit(lambda s: optim.current_learning_rates(**optim_config, **sizes, step=s))(
-        jnp.int32(3))
+        jnp.int32(3)
+    )
     np.testing.assert_allclose(traced["lr_biases"], official_lr(3, LR_B), rtol=1e-6)
 
 
@@ -261,29 +324,37 @@ def test_config_optim_defaults_are_the_lars_signature():
     from bt_jax import config as config_lib
 
     config = config_lib.get_config()
-    assert dict(config.optim) == dict(learning_rate_weights=0.2, learning_rate_biases=0.0048,
-                                      weight_decay=1.5e-6, momentum=0.9, trust_coefficient=0.001,
-                                      warmup_epochs=10)
+    assert dict(config.optim) == dict(
+        learning_rate_weights=0.2,
+        learning_rate_biases=0.0048,
+        weight_decay=1.5e-6,
+        momentum=0.9,
+        trust_coefficient=0.001,
+        warmup_epochs=10,
+    )
 
 
 GOOD = dict(global_batch=256, steps_per_epoch=10, num_epochs=20)
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (dict(global_batch=0), "global_batch"),
-    (dict(global_batch=-256), "global_batch"),
-    (dict(global_batch=2.5), "global_batch"),
-    (dict(steps_per_epoch=0), "steps_per_epoch"),
-    (dict(num_epochs=0), "num_epochs"),
-    (dict(warmup_epochs=30), "warmup_epochs"),
-    (dict(warmup_epochs=-1), "warmup_epochs"),
-    (dict(weight_decay=-1e-6), "weight_decay"),
-    (dict(momentum=1.0), "momentum"),
-    (dict(momentum=-0.1), "momentum"),
-    (dict(trust_coefficient=0.0), "trust_coefficient"),
-    (dict(learning_rate_weights=-0.2), "base_learning_rate"),
-    (dict(learning_rate_biases=float("nan")), "base_learning_rate"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(global_batch=0), "global_batch"),
+        (dict(global_batch=-256), "global_batch"),
+        (dict(global_batch=2.5), "global_batch"),
+        (dict(steps_per_epoch=0), "steps_per_epoch"),
+        (dict(num_epochs=0), "num_epochs"),
+        (dict(warmup_epochs=30), "warmup_epochs"),
+        (dict(warmup_epochs=-1), "warmup_epochs"),
+        (dict(weight_decay=-1e-6), "weight_decay"),
+        (dict(momentum=1.0), "momentum"),
+        (dict(momentum=-0.1), "momentum"),
+        (dict(trust_coefficient=0.0), "trust_coefficient"),
+        (dict(learning_rate_weights=-0.2), "base_learning_rate"),
+        (dict(learning_rate_biases=float("nan")), "base_learning_rate"),
+    ],
+)
 def test_lars_rejects_bad_arguments(overrides, match):
     with pytest.raises(ValueError, match=match):
         optim.lars(**{**GOOD, **overrides})

@@ -1,5 +1,6 @@
 """bt_jax.data.photometric: the device-side ops against their TF twins, seed-exactness over
 devices, and the same distribution of views as the host-side recipe."""
+
 import functools
 import os
 import subprocess
@@ -13,8 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bt_jax import data
-from bt_jax.data import augment
-from bt_jax.data import photometric
+from bt_jax.data import augment, photometric
 from bt_jax.data.tf_runtime import tf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,14 +43,26 @@ def fixed_image(shape=(20, 24, 3), seed=0):
 
 def assert_twins(device, host, steps):
     """device: int32 pixel steps; host: float32 on the uint8 scale."""
-    np.testing.assert_allclose(np.asarray(photometric.from_fixed(device)), host.numpy() / 255.0,
-                               rtol=0, atol=steps * STEP)
+    np.testing.assert_allclose(
+        np.asarray(photometric.from_fixed(device)), host.numpy() / 255.0, rtol=0, atol=steps * STEP
+    )
 
 
-@pytest.mark.parametrize("name, factor", [
-    ("brightness", 1.3), ("brightness", 0.6), ("contrast", 0.7), ("contrast", 1.4),
-    ("saturation", 0.8), ("saturation", 1.2), ("hue", 0.08), ("hue", -0.1), ("hue", 0.5),
-    ("hue", -0.5)])
+@pytest.mark.parametrize(
+    "name, factor",
+    [
+        ("brightness", 1.3),
+        ("brightness", 0.6),
+        ("contrast", 0.7),
+        ("contrast", 1.4),
+        ("saturation", 0.8),
+        ("saturation", 1.2),
+        ("hue", 0.08),
+        ("hue", -0.1),
+        ("hue", 0.5),
+        ("hue", -0.5),
+    ],
+)
 def test_jitter_ops_equal_their_tf_twins(name, factor):
     x_q, x = fixed_image()
     param = photometric.hue_q(factor) if name == "hue" else photometric.factor_q(factor)
@@ -81,10 +93,15 @@ def test_grayscale_blur_solarize_equal_their_tf_twins():
 def test_normalize_and_host_mode():
     images = np.arange(2 * 8 * 8 * 3, dtype=np.uint8).reshape(2, 8, 8, 3)
     expected = (images / 255.0 - np.array(data.views.IMAGENET_MEAN)) / np.array(
-        data.views.IMAGENET_STD)
+        data.views.IMAGENET_STD
+    )
     np.testing.assert_allclose(np.asarray(photometric.normalize(images)), expected, atol=1e-6)
-    batch = {"view_a": images, "view_b": images[::-1], "epoch": np.zeros(2, np.int32),
-             "index": np.arange(2, dtype=np.int32)}
+    batch = {
+        "view_a": images,
+        "view_b": images[::-1],
+        "epoch": np.zeros(2, np.int32),
+        "index": np.arange(2, dtype=np.int32),
+    }
     out = photometric.finish_views(batch, seed=0, photometric="host")
     assert out["view_a"].dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out["view_b"]), expected[::-1], atol=1e-6)
@@ -94,8 +111,15 @@ def test_normalize_and_host_mode():
 
 def test_jitter_order_is_a_uniform_permutation():
     keys = jax.random.split(jax.random.key(1), 24_000)
-    orders = np.asarray(jax.jit(jax.vmap(lambda k: photometric._rank_order(
-        (jax.random.bits(k, (4,), jnp.uint32) >> 16).astype(jnp.int32))))(keys))
+    orders = np.asarray(
+        jax.jit(
+            jax.vmap(
+                lambda k: photometric._rank_order(
+                    (jax.random.bits(k, (4,), jnp.uint32) >> 16).astype(jnp.int32)
+                )
+            )
+        )(keys)
+    )
     assert (np.sort(orders, axis=1) == np.arange(4)).all()
     codes, counts = np.unique(orders @ np.array([64, 16, 4, 1]), return_counts=True)
     assert len(codes) == 24
@@ -108,10 +132,12 @@ def test_jitter_order_is_a_uniform_permutation():
 
 def device_batch(n=16, size=16, seed=0):
     rng = np.random.default_rng(seed)
-    return {"view_a": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-            "view_b": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-            "epoch": rng.integers(0, 5, n).astype(np.int32),
-            "index": rng.permutation(1000)[:n].astype(np.int32)}
+    return {
+        "view_a": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+        "view_b": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+        "epoch": rng.integers(0, 5, n).astype(np.int32),
+        "index": rng.permutation(1000)[:n].astype(np.int32),
+    }
 
 
 FINISH = functools.partial(photometric.finish_views, seed=5, photometric="device")
@@ -131,8 +157,9 @@ def test_same_bytes_on_1_or_8_devices_under_shard_map_and_pmap(one_device_views)
     batch, one = one_device_views
     mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
     sharded = jax.device_put(batch, NamedSharding(mesh, P("batch")))
-    eight = jax.jit(jax.shard_map(FINISH, mesh=mesh, in_specs=P("batch"),
-                                  out_specs=P("batch")))(sharded)
+    eight = jax.jit(jax.shard_map(FINISH, mesh=mesh, in_specs=P("batch"), out_specs=P("batch")))(
+        sharded
+    )
     assert same_bytes(one, jax.device_get(eight))
     pmapped = jax.pmap(FINISH)({k: v.reshape(8, 2, *v.shape[1:]) for k, v in batch.items()})
     assert same_bytes(one, {k: np.asarray(v).reshape(one[k].shape) for k, v in pmapped.items()})
@@ -149,8 +176,9 @@ def test_each_example_depends_only_on_its_seed_epoch_index_and_view(one_device_v
     assert same_bytes({k: v[3:4] for k, v in one.items()}, jax.device_get(alone))
     later = jax.jit(FINISH)(dict(batch, epoch=batch["epoch"] + 1))
     assert not np.array_equal(np.asarray(later["view_a"]), one["view_a"])
-    reseeded = jax.jit(functools.partial(photometric.finish_views, seed=6,
-                                         photometric="device"))(batch)
+    reseeded = jax.jit(functools.partial(photometric.finish_views, seed=6, photometric="device"))(
+        batch
+    )
     assert not np.array_equal(np.asarray(reseeded["view_b"]), one["view_b"])
 
 
@@ -169,8 +197,9 @@ assert isinstance(data.ViewSpec(), views.ViewSpec) and data.DataError
 print("ok")
 """
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
@@ -189,12 +218,19 @@ def colourful_images(n, size=32, seed=0):
 def host_and_device_views(images, num=512, image_size=16):
     """[0, 1] views of the same crops: (host mode, device mode), {view: float [num, S, S, 3]}."""
     source = data.from_arrays("photometric", images, None, images[:1], None)
-    common = dict(global_batch=num, image_size=image_size, seed=3, process_index=0,
-                  process_count=1, num_workers=2)
+    common = dict(
+        global_batch=num,
+        image_size=image_size,
+        seed=3,
+        process_index=0,
+        process_count=1,
+        num_workers=2,
+    )
     host = next(data.pretrain_batches(source, photometric="host", **common))
     crops = next(data.pretrain_batches(source, photometric="device", **common))
-    device = jax.device_get(jax.jit(functools.partial(photometric.photometric_views, seed=3))(
-        crops))
+    device = jax.device_get(
+        jax.jit(functools.partial(photometric.photometric_views, seed=3))(crops)
+    )
     host = {k: host[k] / 255.0 for k in ("view_a", "view_b")}
     return host, device
 
@@ -226,13 +262,23 @@ def test_host_and_device_agree_in_distribution(colourful_views, view):
     # Not the crops unchanged: the device did the photometric work.
     assert np.mean(np.abs(host - device) > 2 / 255) > 0.3
     for channel in range(3):
-        assert_same_mean(host[..., channel].mean(axis=(1, 2)),
-                         device[..., channel].mean(axis=(1, 2)), f"{view} mean {channel}")
-        assert_same_mean(host[..., channel].std(axis=(1, 2)),
-                         device[..., channel].std(axis=(1, 2)), f"{view} std {channel}")
+        assert_same_mean(
+            host[..., channel].mean(axis=(1, 2)),
+            device[..., channel].mean(axis=(1, 2)),
+            f"{view} mean {channel}",
+        )
+        assert_same_mean(
+            host[..., channel].std(axis=(1, 2)),
+            device[..., channel].std(axis=(1, 2)),
+            f"{view} std {channel}",
+        )
     # Saturation: the spread of the channels at each pixel (jitter and grayscale).
-    assert_same_mean(host.std(axis=-1).mean(axis=(1, 2)), device.std(axis=-1).mean(axis=(1, 2)),
-                     f"{view} saturation")
+    assert_same_mean(
+        host.std(axis=-1).mean(axis=(1, 2)),
+        device.std(axis=-1).mean(axis=(1, 2)),
+        f"{view} saturation",
+    )
+
     # Blur strength: the mean absolute difference of neighbouring pixels.
     def sharpness(x):
         return np.abs(np.diff(x, axis=2)).mean(axis=(1, 2, 3))
@@ -252,5 +298,9 @@ def test_only_view_b_is_solarized_at_rate_point_two():
     white = np.full((600, 8, 8, 3), 255, np.uint8)
     host, device = host_and_device_views(white)
     for view, rate in (("view_a", 0.0), ("view_b", 0.2)):
-        assert_same_rate(host[view].mean(axis=(1, 2, 3)) < 0.5,
-                         device[view].mean(axis=(1, 2, 3)) < 0.5, rate, f"{view} solarized")
+        assert_same_rate(
+            host[view].mean(axis=(1, 2, 3)) < 0.5,
+            device[view].mean(axis=(1, 2, 3)) < 0.5,
+            rate,
+            f"{view} solarized",
+        )

@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import chex
@@ -23,18 +22,26 @@ import jax
 import numpy as np
 import pytest
 import tensorflow as tf
-
-from bt_jax import checkpoint
-from bt_jax import metric_logging
 from train_helpers import REPO, free_port, restore_params, subprocess_env, trainer_command
+
+from bt_jax import checkpoint, metric_logging
 
 pytestmark = pytest.mark.slow
 
 # 1500 digits at batch 256: 5 steps an epoch, 3 epochs; 8 px (the digits' own size).
-RECIPE = dict(batch_size=256, num_epochs=3, max_steps=-1, data__image_size=8,
-              data__eval_resize=8, checkpoint__every_steps=4, checkpoint__keep=10,
-              logging__every_steps=1, eval__at_end=False, optim__learning_rate_weights=0.02,
-              optim__learning_rate_biases=0.00048)
+RECIPE = dict(
+    batch_size=256,
+    num_epochs=3,
+    max_steps=-1,
+    data__image_size=8,
+    data__eval_resize=8,
+    checkpoint__every_steps=4,
+    checkpoint__keep=10,
+    logging__every_steps=1,
+    eval__at_end=False,
+    optim__learning_rate_weights=0.02,
+    optim__learning_rate_biases=0.00048,
+)
 TOTAL_STEPS = 15
 HEARTBEAT = 5  # seconds: how soon the survivors of a lost host stop
 
@@ -47,14 +54,23 @@ class Job:
         command = trainer_command(workdir, **{**RECIPE, **overrides})
         if num_processes > 1:
             port = free_port()
-            command += [f"--coordinator_address=127.0.0.1:{port}",
-                        f"--num_processes={num_processes}",
-                        f"--heartbeat_timeout_seconds={HEARTBEAT}"]
+            command += [
+                f"--coordinator_address=127.0.0.1:{port}",
+                f"--num_processes={num_processes}",
+                f"--heartbeat_timeout_seconds={HEARTBEAT}",
+            ]
         self.started = time.time()
-        self.processes = [subprocess.Popen(
-            command + ([f"--process_id={i}"] if num_processes > 1 else []), cwd=REPO,
-            env=subprocess_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True) for i in range(num_processes)]
+        self.processes = [
+            subprocess.Popen(
+                command + ([f"--process_id={i}"] if num_processes > 1 else []),
+                cwd=REPO,
+                env=subprocess_env(devices),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(num_processes)
+        ]
         self.stdout = [""] * num_processes
         self.stderr = [""] * num_processes
         self.exited_at = [None] * num_processes
@@ -67,8 +83,11 @@ class Job:
 
     def logged_step(self):
         """The last step in the run's metrics (process 0 writes them)."""
-        records = metric_logging.read_metrics(self.workdir) if os.path.isdir(
-            os.path.join(self.workdir, "metrics")) else []
+        records = (
+            metric_logging.read_metrics(self.workdir)
+            if os.path.isdir(os.path.join(self.workdir, "metrics"))
+            else []
+        )
         steps = [r["step"] for r in records if "loss" in r]
         return max(steps, default=0)
 
@@ -113,14 +132,17 @@ def reference(tmp_path_factory):
     params = restore_params(workdir)[0]
     # The parameters moved far more than the tolerance: the comparisons are not of init states.
     initial = checkpoint.read_variables(workdir, 4, part=None)["params"]  # after 4 steps
-    moved = max(float(np.max(np.abs(a - b)))
-                for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(initial)))
+    moved = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(initial))
+    )
     assert moved > 1e-3
     return params
 
 
 def test_a_pod_job_through_preemptions_a_lost_host_and_restarts_to_the_end_of_the_run(
-        reference, tmp_path):
+    reference, tmp_path
+):
     """One workdir through SIGTERM to every process, SIGTERM to one process, and SIGKILL of one
     process, each followed by the same command again, then through the remaining epochs to the
     end of the run: export and the end-of-run evaluation on both processes."""
@@ -134,8 +156,10 @@ def test_a_pod_job_through_preemptions_a_lost_host_and_restarts_to_the_end_of_th
     first = [stopped_step(s) for s in job.stderr]
     assert first[0] is not None and first[0] == first[1], job.stderr
     assert os.path.isdir(os.path.join(workdir, "checkpoints", str(first[0])))
-    print(f"\nSIGTERM to both: stopped at step {first[0]}, both exited "
-          f"{max(job.exited_at) - sent:.1f} s after the signal")
+    print(
+        f"\nSIGTERM to both: stopped at step {first[0]}, both exited "
+        f"{max(job.exited_at) - sent:.1f} s after the signal"
+    )
 
     # 2. A preemption of one host: the job still stops at one agreed step.
     job = Job(workdir, 2, 2, eval__at_end=True)
@@ -145,8 +169,10 @@ def test_a_pod_job_through_preemptions_a_lost_host_and_restarts_to_the_end_of_th
     second = [stopped_step(s) for s in job.stderr]
     assert second[0] is not None and second[0] == second[1] > first[0], job.stderr
     assert os.path.isdir(os.path.join(workdir, "checkpoints", str(second[0])))
-    print(f"SIGTERM to process 1 only: stopped at step {second[0]}, both exited "
-          f"{max(job.exited_at) - sent:.1f} s after the signal")
+    print(
+        f"SIGTERM to process 1 only: stopped at step {second[0]}, both exited "
+        f"{max(job.exited_at) - sent:.1f} s after the signal"
+    )
     if second[0] >= TOTAL_STEPS - 1:
         pytest.fail(f"the run reached step {second[0]} before the host loss could be tested")
 
@@ -158,8 +184,10 @@ def test_a_pod_job_through_preemptions_a_lost_host_and_restarts_to_the_end_of_th
     survivor_seconds = job.exited_at[0] - killed
     assert codes[1] == -signal.SIGKILL and codes[0] != 0, job.stderr[0][-3000:]
     assert survivor_seconds < HEARTBEAT + 30, survivor_seconds
-    print(f"SIGKILL of process 1: process 0 exited with status {codes[0]} "
-          f"{survivor_seconds:.1f} s later")
+    print(
+        f"SIGKILL of process 1: process 0 exited with status {codes[0]} "
+        f"{survivor_seconds:.1f} s later"
+    )
 
     # 4. The same command again: resumes from the last complete checkpoint, runs the remaining
     # epochs, exports and evaluates on both processes.
@@ -174,9 +202,12 @@ def test_a_pod_job_through_preemptions_a_lost_host_and_restarts_to_the_end_of_th
     assert [r["step"] for r in records if "probe_test_accuracy" in r] == [5, 10, 15]
     saved = {int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()}
     assert {first[0], second[0], 12, 15} <= saved
-    tags = {value.tag for path in glob.glob(os.path.join(workdir, "events.out.tfevents*"))
-            for event in tf.compat.v1.train.summary_iterator(path)
-            for value in event.summary.value}
+    tags = {
+        value.tag
+        for path in glob.glob(os.path.join(workdir, "events.out.tfevents*"))
+        for event in tf.compat.v1.train.summary_iterator(path)
+        for value in event.summary.value
+    }
     assert "cross_correlation" in tags and "loss" in tags
     assert os.path.exists(os.path.join(workdir, "backbone.msgpack"))
     quick = json.load(open(os.path.join(workdir, "eval_quick.json")))

@@ -40,16 +40,19 @@ def test_batch_norm_equals_flax_batch_norm(train):
     ours = models.BatchNorm(use_running_average=not train)
     flax_bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
     variables = flax_bn.init(jax.random.key(0), x)
-    variables = {"params": {"scale": normal(1, (4,)), "bias": normal(2, (4,))},
-                 "batch_stats": {"mean": normal(3, (4,)), "var": normal(4, (4,)) ** 2 + 0.5}}
-    chex.assert_trees_all_equal_shapes_and_dtypes(ours.init(jax.random.key(0), x),
-                                                  flax_bn.init(jax.random.key(0), x))
+    variables = {
+        "params": {"scale": normal(1, (4,)), "bias": normal(2, (4,))},
+        "batch_stats": {"mean": normal(3, (4,)), "var": normal(4, (4,)) ** 2 + 0.5},
+    }
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        ours.init(jax.random.key(0), x), flax_bn.init(jax.random.key(0), x)
+    )
 
     def run(module):
         def loss(params):
-            y, updates = module.apply({**variables, "params": params}, x,
-                                      mutable=["batch_stats"])
+            y, updates = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
             return jnp.sum(jnp.sin(y)), (y, updates)
+
         return jax.grad(loss, has_aux=True)(variables["params"])
 
     assert_close(run(ours), run(flax_bn))
@@ -62,13 +65,18 @@ def test_batch_norm_views_equal_sequential_calls_not_pooled(float64):
     ours = models.BatchNorm()
     flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
     variables = flax_bn.init(jax.random.key(0), a)
-    variables = {"params": {"scale": normal(2, (5,), jnp.float64),
-                            "bias": normal(3, (5,), jnp.float64)},
-                 "batch_stats": variables["batch_stats"]}
+    variables = {
+        "params": {"scale": normal(2, (5,), jnp.float64), "bias": normal(3, (5,), jnp.float64)},
+        "batch_stats": variables["batch_stats"],
+    }
 
     def stacked(params):
-        y, updates = ours.apply({**variables, "params": params}, jnp.concatenate([a, b]),
-                                views=2, mutable=["batch_stats"])
+        y, updates = ours.apply(
+            {**variables, "params": params},
+            jnp.concatenate([a, b]),
+            views=2,
+            mutable=["batch_stats"],
+        )
         return jnp.sum(jnp.sin(y)), (y, updates)
 
     def sequential(params):
@@ -84,27 +92,40 @@ def test_batch_norm_views_equal_sequential_calls_not_pooled(float64):
 
 
 def two_views(seed=0, n=6, size=16):
-    return (normal(seed, (n, size, size, 3), jnp.float64),
-            normal(seed + 1, (n, size, size, 3), jnp.float64) * 2.0 + 0.5)
+    return (
+        normal(seed, (n, size, size, 3), jnp.float64),
+        normal(seed + 1, (n, size, size, 3), jnp.float64) * 2.0 + 0.5,
+    )
 
 
 def small_model(axis_name=None):
     """One BasicBlock per stage (an identity shortcut in stage 1, a downsampling one after): all
     of ResNet-18's layer kinds, at half its compile time."""
-    backbone = models.ResNet(stage_sizes=(1, 1, 1, 1), stem="cifar", width=4,
-                             zero_init_residual=True, dtype="float64", axis_name=axis_name)
-    return models.BarlowTwinsModel(backbone, models.Projector("16-16", dtype="float64",
-                                                              axis_name=axis_name))
+    backbone = models.ResNet(
+        stage_sizes=(1, 1, 1, 1),
+        stem="cifar",
+        width=4,
+        zero_init_residual=True,
+        dtype="float64",
+        axis_name=axis_name,
+    )
+    return models.BarlowTwinsModel(
+        backbone, models.Projector("16-16", dtype="float64", axis_name=axis_name)
+    )
 
 
 def init_variables(model, image_size=16):
-    init_model = model.clone(backbone=model.backbone.clone(axis_name=None),
-                             projector=model.projector.clone(axis_name=None))
-    variables = init_model.init(jax.random.key(0), jnp.zeros((2, image_size, image_size, 3)),
-                                train=False)
+    init_model = model.clone(
+        backbone=model.backbone.clone(axis_name=None),
+        projector=model.projector.clone(axis_name=None),
+    )
+    variables = init_model.init(
+        jax.random.key(0), jnp.zeros((2, image_size, image_size, 3)), train=False
+    )
     # Nonzero last BatchNorm scales (zero_init_residual starts them at 0, hiding the branches).
     params = jax.tree_util.tree_map_with_path(
-        lambda path, p: p + 0.5 if path[-1].key == "scale" else p, variables["params"])
+        lambda path, p: p + 0.5 if path[-1].key == "scale" else p, variables["params"]
+    )
     return {"params": params, "batch_stats": variables["batch_stats"]}
 
 
@@ -114,20 +135,24 @@ def loss_grads_and_stats(model, variables, view_a, view_b, one_call: bool, axis_
     def loss_fn(params):
         if one_call:
             n = view_a.shape[0]
-            (r, z), updates = model.apply({**variables, "params": params},
-                                          jnp.concatenate([view_a, view_b]), views=2,
-                                          mutable=["batch_stats"])
+            (r, z), updates = model.apply(
+                {**variables, "params": params},
+                jnp.concatenate([view_a, view_b]),
+                views=2,
+                mutable=["batch_stats"],
+            )
             r_a, z_a, z_b = r[:n], z[:n], z[n:]
         else:
-            (r_a, z_a), updates = model.apply({**variables, "params": params}, view_a,
-                                              mutable=["batch_stats"])
-            (_, z_b), updates = model.apply({"params": params, **updates}, view_b,
-                                            mutable=["batch_stats"])
+            (r_a, z_a), updates = model.apply(
+                {**variables, "params": params}, view_a, mutable=["batch_stats"]
+            )
+            (_, z_b), updates = model.apply(
+                {"params": params, **updates}, view_b, mutable=["batch_stats"]
+            )
         loss = loss_lib.barlow_twins_loss(z_a, z_b, axis_name=axis_name)
         return loss, (updates["batch_stats"], r_a)
 
-    (loss, (stats, r_a)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        variables["params"])
+    (loss, (stats, r_a)), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
     return loss, grads, stats, r_a
@@ -152,10 +177,18 @@ def test_one_call_equals_two_calls_on_one_device_and_under_shard_map(float64):
     # Over 8 devices with sync BatchNorm: each view's statistics over its rows on every device,
     # the one-device values on the global batch (which two calls also give: test_models).
     mesh = parallel.device_mesh(jax.devices())
-    per_device = functools.partial(loss_grads_and_stats, small_model(axis_name=parallel.AXIS),
-                                   one_call=True, axis_name=parallel.AXIS)
-    mapped = jax.shard_map(lambda v, a, b: per_device(v, a, b)[:3], mesh=mesh,
-                           in_specs=(P(), P(parallel.AXIS), P(parallel.AXIS)), out_specs=P())
+    per_device = functools.partial(
+        loss_grads_and_stats,
+        small_model(axis_name=parallel.AXIS),
+        one_call=True,
+        axis_name=parallel.AXIS,
+    )
+    mapped = jax.shard_map(
+        lambda v, a, b: per_device(v, a, b)[:3],
+        mesh=mesh,
+        in_specs=(P(), P(parallel.AXIS), P(parallel.AXIS)),
+        out_specs=P(),
+    )
     assert_close(jax.jit(mapped)(variables, view_a, view_b), one[:3])
 
 
@@ -169,12 +202,24 @@ def test_the_step_in_one_call_equals_two_calls(float64):
     batch = parallel.global_batch(fake_batches(config, 1)[0], mesh)
     results = []
     for one_call in (False, True):
-        state = jax.jit(functools.partial(state_lib.init_state, config, model, tx, 10),
-                        out_shardings=parallel.replicated(mesh))()
-        step_fn = parallel.map_step(functools.partial(step_function(config, model, tx),
-                                                      views_in_one_call=one_call), mesh)
+        state = jax.jit(
+            functools.partial(state_lib.init_state, config, model, tx, 10),
+            out_shardings=parallel.replicated(mesh),
+        )()
+        step_fn = parallel.map_step(
+            functools.partial(step_function(config, model, tx), views_in_one_call=one_call), mesh
+        )
         new_state, metrics = step_fn(state, batch, jax.random.key(0))
-        results.append(parallel.to_host((new_state.params, new_state.batch_stats,
-                                         new_state.opt_state, new_state.probe_params, metrics)))
+        results.append(
+            parallel.to_host(
+                (
+                    new_state.params,
+                    new_state.batch_stats,
+                    new_state.opt_state,
+                    new_state.probe_params,
+                    metrics,
+                )
+            )
+        )
     assert_close(results[1], results[0])
     assert step_lib.train_step.__kwdefaults__["views_in_one_call"] is True

@@ -1,7 +1,6 @@
 """The pretraining loop on one process: determinism, logs, checkpoints, SIGKILL and SIGTERM with
 exact resume, the config record, the CLI as a new user types it."""
 
-import functools
 import json
 import os
 import re
@@ -14,15 +13,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_helpers import (
+    REPO,
+    assert_bit_identical,
+    restore_params,
+    subprocess_env,
+    tiny_config,
+    trainer_command,
+)
 
 import bt_jax
-from bt_jax import checkpoint
-from bt_jax import metric_logging
-from bt_jax import state as state_lib
+from bt_jax import checkpoint, metric_logging
 from bt_jax import workdir as workdir_lib
 from bt_jax.train import loop
-from train_helpers import REPO, assert_bit_identical, restore_params, subprocess_env
-from train_helpers import tiny_config, trainer_command
 
 
 @pytest.fixture(scope="module")
@@ -33,27 +36,19 @@ def reference_run(tmp_path_factory):
     return workdir, jax.device_get(state.params)
 
 
-def test_the_seed_decides_the_initial_parameters():
-    """Same seed, same bits; another seed, other parameters. (A whole run repeated bit for bit,
-    in another process, is test_sigkill_and_resume_is_bit_identical.)"""
-    def initial_params(seed):
-        config = tiny_config(seed=seed)
-        model = state_lib.build_model(config)
-        tx = state_lib.build_optimizer(config, steps_per_epoch=5)
-        return jax.device_get(jax.jit(functools.partial(
-            state_lib.init_state, config, model, tx, 10))().params)
-
-    first = initial_params(0)
-    assert_bit_identical(initial_params(0), first)
-    assert not np.array_equal(jax.tree.leaves(initial_params(1))[0], jax.tree.leaves(first)[0])
-
-
 def test_run_writes_logs_checkpoints_and_loadable_weights(reference_run):
     workdir, params = reference_run
     records = metric_logging.read_metrics(workdir)
     record = [r for r in records if "loss" in r][-1]
-    for key in ("loss", "invariance", "redundancy", "lr_weights", "lr_biases",
-                "images_per_second", "data_wait_seconds"):
+    for key in (
+        "loss",
+        "invariance",
+        "redundancy",
+        "lr_weights",
+        "lr_biases",
+        "images_per_second",
+        "data_wait_seconds",
+    ):
         assert np.isfinite(record[key]), key
     assert record["step"] == 6
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
@@ -64,10 +59,14 @@ def test_run_writes_logs_checkpoints_and_loadable_weights(reference_run):
     assert [r["step"] for r in epoch_end] == [5]
     assert 0.0 <= epoch_end[0]["probe_test_accuracy"] <= 1.0
     # The history is chunked at the checkpoints (object stores have no append).
-    chunks = sorted(f for f in os.listdir(os.path.join(workdir, "metrics"))
-                    if f.startswith("steps-"))
-    assert chunks == ["steps-000000002-000000002.jsonl", "steps-000000004-000000004.jsonl",
-                          "steps-000000005-000000006.jsonl"], chunks
+    chunks = sorted(
+        f for f in os.listdir(os.path.join(workdir, "metrics")) if f.startswith("steps-")
+    )
+    assert chunks == [
+        "steps-000000002-000000002.jsonl",
+        "steps-000000004-000000004.jsonl",
+        "steps-000000005-000000006.jsonl",
+    ], chunks
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]  # keep 2
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
     # The main job ended with the quick probes beside the baselines.
@@ -95,8 +94,9 @@ def test_sigkill_and_resume_is_bit_identical(reference_run, tmp_path):
     reference_dir, reference_params = reference_run
     workdir = str(tmp_path / "killed")
     command = trainer_command(workdir, max_steps=6, checkpoint__every_steps=1)
-    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     checkpoints = os.path.join(workdir, "checkpoints")
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
@@ -108,8 +108,9 @@ def test_sigkill_and_resume_is_bit_identical(reference_run, tmp_path):
     process.wait()
     killed_at = max(int(d) for d in os.listdir(checkpoints) if d.isdigit())
     assert 3 <= killed_at < 6
-    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     params, step = restore_params(workdir)
     assert step == 6
@@ -123,10 +124,21 @@ def test_sigkill_and_resume_is_bit_identical(reference_run, tmp_path):
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     workdir = str(tmp_path / "preempted")
-    command = trainer_command(workdir, max_steps=1000, num_epochs=200,
-                              checkpoint__every_steps=1000, logging__every_steps=1)
-    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(1),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    command = trainer_command(
+        workdir,
+        max_steps=1000,
+        num_epochs=200,
+        checkpoint__every_steps=1000,
+        logging__every_steps=1,
+    )
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=subprocess_env(1),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     latest = os.path.join(workdir, "metrics", "latest.jsonl")
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
@@ -144,16 +156,23 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 def test_resuming_with_an_incompatible_config_is_refused(reference_run):
     workdir, _ = reference_run
     before = sorted(os.listdir(workdir))
-    with pytest.raises(checkpoint.IncompatibleCheckpointError, match="model.width: saved 4, given 8"):
+    with pytest.raises(
+        checkpoint.IncompatibleCheckpointError, match="model.width: saved 4, given 8"
+    ):
         loop.train_and_evaluate(tiny_config(max_steps=8, model__width=8), workdir)
     assert sorted(os.listdir(workdir)) == before
 
 
 def test_the_default_recipe_runs_end_to_end_with_no_flags(tmp_path):
     """`python -m bt_jax.train` as a new user types it (here stopped after 2 steps)."""
-    result = subprocess.run([sys.executable, "-m", "bt_jax.train", "--config.max_steps=2"],
-                            cwd=tmp_path, env=subprocess_env(1, PYTHONPATH=REPO),
-                            capture_output=True, text=True, timeout=400)
+    result = subprocess.run(
+        [sys.executable, "-m", "bt_jax.train", "--config.max_steps=2"],
+        cwd=tmp_path,
+        env=subprocess_env(1, PYTHONPATH=REPO),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     workdir = tmp_path / "runs" / "default"
     assert (workdir / "checkpoints" / "2").is_dir()
@@ -162,8 +181,11 @@ def test_the_default_recipe_runs_end_to_end_with_no_flags(tmp_path):
     assert saved["data"]["dataset"] == "digits" and saved["model"]["name"] == "resnet18"
     assert "linear probe (logreg) top-1" in result.stdout
     # stderr is not a terminal: progress is a periodic line per log step, not a live bar.
-    assert re.search(r"^step 2/2 \(epoch 0\.40\) loss [\d.]+ images/s [\d.]+ ETA \d+m\d+s$",
-                     result.stderr, re.MULTILINE), result.stderr[-2000:]
+    assert re.search(
+        r"^step 2/2 \(epoch 0\.40\) loss [\d.]+ images/s [\d.]+ ETA \d+m\d+s$",
+        result.stderr,
+        re.MULTILINE,
+    ), result.stderr[-2000:]
     assert "\r" not in result.stderr
 
 
@@ -184,10 +206,19 @@ def test_pretraining_on_unlabelled_images_with_a_separate_labelled_set(tmp_path)
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(images[i, :, :, 0]).save(folder / f"{i}.png")
     workdir = str(tmp_path / "run")
-    loop.train_and_evaluate(tiny_config(
-        batch_size=32, max_steps=2, data__dataset="folder", data__data_dir=str(unlabelled),
-        data__image_size=8, data__eval_resize=8, eval__dataset="folder",
-        eval__data_dir=str(labelled)), workdir)
+    loop.train_and_evaluate(
+        tiny_config(
+            batch_size=32,
+            max_steps=2,
+            data__dataset="folder",
+            data__data_dir=str(unlabelled),
+            data__image_size=8,
+            data__eval_resize=8,
+            eval__dataset="folder",
+            eval__data_dir=str(labelled),
+        ),
+        workdir,
+    )
     quick = json.load(open(os.path.join(workdir, "eval_quick.json")))
     assert quick["dataset"] == "folder"
     assert 0.0 <= quick["results"]["knn"]["pretrained"]["top1"] <= 1.0

@@ -8,17 +8,23 @@ import sys
 import jax
 import numpy as np
 
-from bt_jax import checkpoint
+from bt_jax import checkpoint, parallel
 from bt_jax import config as config_lib
-from bt_jax import parallel
 from bt_jax import state as state_lib
 from bt_jax import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
-    "batch_size": 256, "num_epochs": 2, "max_steps": 4, "data.image_size": 16,
-    "data.eval_resize": 16, "model.width": 4, "model.projector": "32-32",
-    "optim.warmup_epochs": 1, "logging.every_steps": 2, "checkpoint.every_steps": 2,
+    "batch_size": 256,
+    "num_epochs": 2,
+    "max_steps": 4,
+    "data.image_size": 16,
+    "data.eval_resize": 16,
+    "model.width": 4,
+    "model.projector": "32-32",
+    "optim.warmup_epochs": 1,
+    "logging.every_steps": 2,
+    "checkpoint.every_steps": 2,
     "logging.correlation_image_dims": 16,
 }
 
@@ -49,12 +55,15 @@ def restore_state(workdir):
     config = workdir_lib.read_config(workdir)
     model = state_lib.build_model(config)
     tx = state_lib.build_optimizer(config, steps_per_epoch=5)
-    target = jax.jit(functools.partial(state_lib.init_state, config, model, tx, 10),
-                     out_shardings=parallel.replicated(parallel.device_mesh()))()
+    target = jax.jit(
+        functools.partial(state_lib.init_state, config, model, tx, 10),
+        out_shardings=parallel.replicated(parallel.device_mesh()),
+    )()
     manager = checkpoint.open_manager(workdir, keep=100)
     try:
-        state, restored = checkpoint.restore(manager, target,
-                                             identity=config_lib.resume_identity(config))
+        state, restored = checkpoint.restore(
+            manager, target, identity=config_lib.resume_identity(config)
+        )
     finally:
         manager.close()
     return state, restored

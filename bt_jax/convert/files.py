@@ -16,7 +16,8 @@ from __future__ import annotations
 import io
 import os
 import re
-from typing import Any, BinaryIO, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, BinaryIO
 
 import numpy as np
 from etils import epath

@@ -14,7 +14,8 @@ Works on arrays and on `jax.ShapeDtypeStruct`s alike where only shapes are neede
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 

@@ -28,7 +28,8 @@ silently. `num_batches_tracked` is optional on input (PyTorch ignores it when mo
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from bt_jax.convert import layout
 from bt_jax.convert.layout import ConversionError, Entry, StateDict, Variables

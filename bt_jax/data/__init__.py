@@ -13,6 +13,7 @@ source holds in memory).
 Importing this package does not import TensorFlow: the names that need it (the pipeline, the
 host augmentations) load on first use, so the train step and its benchmarks import without it.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -43,8 +44,18 @@ _LAZY = {
     "from_arrays": "sources",
     "load_source": "catalog",
 }
-_SUBMODULES = ("augment", "catalog", "file_sources", "input_pipeline", "photometric", "preview",
-               "sources", "tfds_sources", "views", "errors")
+_SUBMODULES = (
+    "augment",
+    "catalog",
+    "file_sources",
+    "input_pipeline",
+    "photometric",
+    "preview",
+    "sources",
+    "tfds_sources",
+    "views",
+    "errors",
+)
 
 
 def __getattr__(name: str):

@@ -39,15 +39,15 @@ Where the semantics differ from torchvision/PIL (the official code runs PIL tran
 Evaluation: resize the short side to `resize_size` (bilinear, antialiased, like torchvision's
 `Resize` default), centre-crop `image_size` (torchvision's rounding), round to uint8.
 """
+
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
-from bt_jax.data.tf_runtime import tf
-
 from bt_jax.data import views as views_lib
 from bt_jax.data.errors import DataError
+from bt_jax.data.tf_runtime import tf
 from bt_jax.data.views import ViewSpec
 
 # Pinned so that a seed means the same numbers on every platform (auto_select may differ by device).
@@ -67,8 +67,9 @@ def view_seed(seed, epoch, index, view: str) -> tf.Tensor:
 
 def labelled_seed(seed, epoch, index) -> tf.Tensor:
     """The crop + flip seed of an example of the labelled protocols: view A's, salted."""
-    return tf.random.experimental.stateless_fold_in(view_seed(seed, epoch, index, "a"),
-                                                    views_lib.LABELLED_SALT, alg=RNG_ALG)
+    return tf.random.experimental.stateless_fold_in(
+        view_seed(seed, epoch, index, "a"), views_lib.LABELLED_SALT, alg=RNG_ALG
+    )
 
 
 def _uniform(seed, shape=(), minval=0.0, maxval=1.0) -> tf.Tensor:
@@ -85,8 +86,9 @@ class _Draws:
         self.coins = _uniform(s[6], (5,))
 
 
-def random_resized_crop_window(seed, height, width, scale=(0.08, 1.0),
-                               ratio=views_lib.CROP_RATIO, attempts: int = 10) -> tf.Tensor:
+def random_resized_crop_window(
+    seed, height, width, scale=(0.08, 1.0), ratio=views_lib.CROP_RATIO, attempts: int = 10
+) -> tf.Tensor:
     """torchvision's RandomResizedCrop.get_params: int32 [4] = (top, left, height, width)."""
     h = tf.cast(height, tf.float32)
     w = tf.cast(width, tf.float32)
@@ -116,6 +118,7 @@ def _decode_windows(image: tf.Tensor, window_fn) -> tuple[tf.Tensor, list[tf.Ten
     image: uint8 [H, W, C] or a scalar string of encoded bytes. A JPEG is decoded only inside
     the union of the windows (`decode_and_crop_jpeg`); other formats are decoded whole.
     """
+
     def union(windows):
         top = tf.reduce_min(tf.stack([w[0] for w in windows]))
         left = tf.reduce_min(tf.stack([w[1] for w in windows]))
@@ -124,6 +127,7 @@ def _decode_windows(image: tf.Tensor, window_fn) -> tuple[tf.Tensor, list[tf.Ten
         return tf.stack([top, left, bottom - top, right - left])
 
     if image.dtype == tf.string:
+
         def jpeg():
             shape = tf.image.extract_jpeg_shape(image)
             windows = window_fn(shape[0], shape[1])
@@ -150,11 +154,12 @@ def decode_image(image: tf.Tensor) -> tf.Tensor:
     return tf.image.grayscale_to_rgb(pixels) if pixels.shape[-1] == 1 else pixels
 
 
-def _crop_resize_flip(pixels: tf.Tensor, window: tf.Tensor, flip: tf.Tensor,
-                      image_size: int) -> tf.Tensor:
+def _crop_resize_flip(
+    pixels: tf.Tensor, window: tf.Tensor, flip: tf.Tensor, image_size: int
+) -> tf.Tensor:
     """float32 [image_size, image_size, C]: the resized crop, flipped or not, rounded to integers
     in [0, 255] (the uint8 values, kept as floats for the photometric ops)."""
-    crop = pixels[window[0]:window[0] + window[2], window[1]:window[1] + window[3]]
+    crop = pixels[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
     # uint8 in: ScaleAndTranslate converts once, inside the op.
     x = tf.image.resize(crop, [image_size, image_size], method="bicubic", antialias=True)
     x = tf.round(tf.clip_by_value(x, 0.0, 255.0))
@@ -223,6 +228,7 @@ def color_jitter(x: tf.Tensor, seed, spec: ViewSpec) -> tf.Tensor:
         lambda y: adjust_saturation(y, saturation),
         lambda y: adjust_hue(y, hue),
     ]
+
     # A loop (not four unrolled switches) traces each operation once: 4x less graph to build.
     def body(k, y):
         y = tf.switch_case(order[k], [lambda op=op: op(y) for op in ops])
@@ -282,9 +288,15 @@ def photometric_view(x: tf.Tensor, draws: _Draws, spec: ViewSpec) -> tf.Tensor:
 # --------------------------------------------------------------------------- views
 
 
-def augment_views(image: tf.Tensor, seeds: Sequence, specs: Sequence[str | ViewSpec], *,
-                  image_size: int, min_crop_scale: float = 0.08,
-                  photometric: str = "host") -> list[tf.Tensor]:
+def augment_views(
+    image: tf.Tensor,
+    seeds: Sequence,
+    specs: Sequence[str | ViewSpec],
+    *,
+    image_size: int,
+    min_crop_scale: float = 0.08,
+    photometric: str = "host",
+) -> list[tf.Tensor]:
     """Views of one image, decoded once: uint8 [image_size, image_size, 3] each.
 
     image: uint8 [H, W, C] with C in {1, 3}, or a scalar string of encoded image bytes.
@@ -297,8 +309,9 @@ def augment_views(image: tf.Tensor, seeds: Sequence, specs: Sequence[str | ViewS
     views_lib.check_image_args(image_size, min_crop_scale)
     draws = [_Draws(s) for s in seeds]
     scale = (min_crop_scale, 1.0)
-    pixels, windows = _decode_windows(image, lambda h, w: [
-        random_resized_crop_window(d.crop, h, w, scale=scale) for d in draws])
+    pixels, windows = _decode_windows(
+        image, lambda h, w: [random_resized_crop_window(d.crop, h, w, scale=scale) for d in draws]
+    )
     out = []
     for d, spec, window in zip(draws, specs, windows):
         x = _crop_resize_flip(pixels, window, d.coins[0] < spec.flip_prob, image_size)
@@ -310,15 +323,29 @@ def augment_views(image: tf.Tensor, seeds: Sequence, specs: Sequence[str | ViewS
     return out
 
 
-def augment_view(image: tf.Tensor, seed, *, view: str | ViewSpec, image_size: int,
-                 min_crop_scale: float = 0.08, photometric: str = "host") -> tf.Tensor:
+def augment_view(
+    image: tf.Tensor,
+    seed,
+    *,
+    view: str | ViewSpec,
+    image_size: int,
+    min_crop_scale: float = 0.08,
+    photometric: str = "host",
+) -> tf.Tensor:
     """One view: uint8 [image_size, image_size, 3] (see augment_views)."""
-    return augment_views(image, [seed], [view], image_size=image_size,
-                         min_crop_scale=min_crop_scale, photometric=photometric)[0]
+    return augment_views(
+        image,
+        [seed],
+        [view],
+        image_size=image_size,
+        min_crop_scale=min_crop_scale,
+        photometric=photometric,
+    )[0]
 
 
-def eval_transform(image: tf.Tensor, *, image_size: int,
-                   resize_size: int | None = None) -> tf.Tensor:
+def eval_transform(
+    image: tf.Tensor, *, image_size: int, resize_size: int | None = None
+) -> tf.Tensor:
     """Deterministic evaluation view: uint8 [image_size, image_size, 3].
 
     Resize the short side to resize_size (default image_size; ImageNet protocol: 256 for 224),
@@ -336,5 +363,5 @@ def eval_transform(image: tf.Tensor, *, image_size: int,
     x = tf.image.resize(x, new, method="bilinear", antialias=True)
     top = tf.cast(tf.round(tf.cast(new[0] - image_size, tf.float32) / 2.0), tf.int32)
     left = tf.cast(tf.round(tf.cast(new[1] - image_size, tf.float32) / 2.0), tf.int32)
-    x = tf.round(tf.clip_by_value(x[top:top + image_size, left:left + image_size], 0.0, 255.0))
+    x = tf.round(tf.clip_by_value(x[top : top + image_size, left : left + image_size], 0.0, 255.0))
     return tf.ensure_shape(_to_rgb_uint8(x), [image_size, image_size, 3])

@@ -1,4 +1,5 @@
 """`load_source(name, data_dir)`: every source by name, with one-line errors that say what to do."""
+
 from __future__ import annotations
 
 from etils import epath
@@ -19,10 +20,12 @@ def load_source(name: str, data_dir: epath.PathLike | None = None, **kwargs) -> 
     key = name.strip()
     if key == "digits":
         if data_dir:
-            raise DataError(f"the digits source is embedded in scikit-learn and reads no files, "
-                            f"but data_dir={str(data_dir)!r} was given; drop data_dir (or "
-                            "--config.data_dir), or pick a source that reads it: idx, folder or "
-                            "a tfds name")
+            raise DataError(
+                f"the digits source is embedded in scikit-learn and reads no files, "
+                f"but data_dir={str(data_dir)!r} was given; drop data_dir (or "
+                "--config.data_dir), or pick a source that reads it: idx, folder or "
+                "a tfds name"
+            )
         if kwargs:
             raise DataError(f"the digits source takes no options, got {sorted(kwargs)}")
         return sources.load_digits()

@@ -2,6 +2,7 @@
 
 TF-free: importable wherever bt_jax.data is.
 """
+
 from __future__ import annotations
 
 from bt_jax import errors

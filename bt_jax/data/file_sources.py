@@ -2,6 +2,7 @@
 
 Every path goes through etils.epath, so `data_dir` may be a local folder or a bucket.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,9 +24,11 @@ log = logging.getLogger(__name__)
 FOLDER_TEST_FRACTION = 0.1  # folders without train/ and test/ sub-folders
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-_IDX_HINT = ("Install Debian's package (apt-get install dataset-fashion-mnist, files in "
-             f"{DEFAULT_IDX_DIR}) or pass data_dir=a folder with train-images-idx3-ubyte.gz, "
-             "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz.")
+_IDX_HINT = (
+    "Install Debian's package (apt-get install dataset-fashion-mnist, files in "
+    f"{DEFAULT_IDX_DIR}) or pass data_dir=a folder with train-images-idx3-ubyte.gz, "
+    "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz."
+)
 
 
 # --------------------------------------------------------------------------- IDX files
@@ -40,22 +43,30 @@ def read_idx(path: epath.PathLike) -> np.ndarray:
         try:
             data = gzip.decompress(data)
         except (EOFError, OSError, zlib.error) as error:
-            raise DataError(f"{path}: the gzip file is truncated or corrupt ({error}); download "
-                            f"or install it again. {_IDX_HINT}") from None
+            raise DataError(
+                f"{path}: the gzip file is truncated or corrupt ({error}); download "
+                f"or install it again. {_IDX_HINT}"
+            ) from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise DataError(f"{path} is not an IDX file (bad magic number {data[:4]!r}); point "
-                        "data_dir at MNIST-format files")
+        raise DataError(
+            f"{path} is not an IDX file (bad magic number {data[:4]!r}); point "
+            "data_dir at MNIST-format files"
+        )
     ndim = data[3]
     if len(data) < 4 + 4 * ndim:
-        raise DataError(f"{path}: the IDX header is cut short ({len(data)} bytes); the file is "
-                        "truncated: download or install it again")
+        raise DataError(
+            f"{path}: the IDX header is cut short ({len(data)} bytes); the file is "
+            "truncated: download or install it again"
+        )
     dims = np.frombuffer(data, ">i4", count=ndim, offset=4).astype(int)
     dtype = np.dtype(_IDX_DTYPES[data[2]])
-    body = data[4 + 4 * ndim:]
+    body = data[4 + 4 * ndim :]
     if len(body) != int(np.prod(dims)) * dtype.itemsize:
-        raise DataError(f"{path}: the IDX header says shape {tuple(map(int, dims))} but the "
-                        f"file holds {len(body)} bytes of data; the file is truncated or corrupt: "
-                        "download or install it again")
+        raise DataError(
+            f"{path}: the IDX header says shape {tuple(map(int, dims))} but the "
+            f"file holds {len(body)} bytes of data; the file is truncated or corrupt: "
+            "download or install it again"
+        )
     return np.frombuffer(body, dtype).reshape(dims)
 
 
@@ -74,8 +85,9 @@ def load_idx(data_dir: epath.PathLike | None = None) -> Source:
     """
     directory = epath.Path(data_dir or DEFAULT_IDX_DIR).expanduser()
     if not directory.is_dir():
-        raise DataNotPreparedError(f"IDX source: directory {str(directory)!r} does not exist. "
-                                   f"{_IDX_HINT}")
+        raise DataNotPreparedError(
+            f"IDX source: directory {str(directory)!r} does not exist. {_IDX_HINT}"
+        )
     paths = {
         "train_images": _find_idx(directory, ["train-images"], "idx3"),
         "train_labels": _find_idx(directory, ["train-labels"], "idx1"),
@@ -84,19 +96,24 @@ def load_idx(data_dir: epath.PathLike | None = None) -> Source:
     }
     missing = [k for k, v in paths.items() if v is None]
     if missing:
-        raise DataNotPreparedError(f"IDX source: no {', '.join(missing)} file in "
-                                   f"{str(directory)!r}. {_IDX_HINT}")
+        raise DataNotPreparedError(
+            f"IDX source: no {', '.join(missing)} file in {str(directory)!r}. {_IDX_HINT}"
+        )
 
     def split(images_path, labels_path) -> Split:
         images, labels = read_idx(images_path), read_idx(labels_path)
         if images.ndim == 3:
             images = images[..., None]
         if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
-            raise DataError(f"{images_path}: expected uint8 images [N, H, W(, 1|3)], got "
-                            f"{images.dtype} {images.shape}; point data_dir at image IDX files")
+            raise DataError(
+                f"{images_path}: expected uint8 images [N, H, W(, 1|3)], got "
+                f"{images.dtype} {images.shape}; point data_dir at image IDX files"
+            )
         if len(images) != len(labels):
-            raise DataError(f"{images_path} has {len(images)} images but {labels_path} has "
-                            f"{len(labels)} labels; one of them is from another dataset")
+            raise DataError(
+                f"{images_path} has {len(images)} images but {labels_path} has "
+                f"{len(labels)} labels; one of them is from another dataset"
+            )
         return Split(images, labels.astype(np.int32))
 
     train = split(paths["train_images"], paths["train_labels"])
@@ -108,7 +125,7 @@ def load_idx(data_dir: epath.PathLike | None = None) -> Source:
 # --------------------------------------------------------------------------- image folder
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tf_decoder():
     from bt_jax.data.tf_runtime import tf
 
@@ -197,13 +214,16 @@ def load_folder(data_dir: epath.PathLike | None) -> Source:
     are skipped, counted and reported once.
     """
     if not data_dir:
-        raise DataError("the 'folder' source needs data_dir=the folder of images "
-                        "(--config.data_dir=DIR)")
+        raise DataError(
+            "the 'folder' source needs data_dir=the folder of images (--config.data_dir=DIR)"
+        )
     root = epath.Path(data_dir).expanduser()
     if not root.is_dir():
-        raise DataNotPreparedError(f"folder source: {str(root)!r} is not a directory; pass "
-                                   "data_dir=a folder of JPEG/PNG files (class sub-folders "
-                                   "optional)")
+        raise DataNotPreparedError(
+            f"folder source: {str(root)!r} is not a directory; pass "
+            "data_dir=a folder of JPEG/PNG files (class sub-folders "
+            "optional)"
+        )
     subdirs = {d.name.lower(): d for d in root.iterdir() if not _is_image(d) and d.is_dir()}
     test_dir = next((subdirs[k] for k in ("test", "val", "validation") if k in subdirs), None)
     if "train" in subdirs and test_dir is not None:
@@ -212,25 +232,33 @@ def load_folder(data_dir: epath.PathLike | None) -> Source:
         everything = _scan(root)
         order = np.random.default_rng(0).permutation(len(everything))
         num_test = int(round(FOLDER_TEST_FRACTION * len(everything))) if len(everything) > 1 else 0
-        parts = {"train": [everything[i] for i in sorted(order[num_test:])],
-                 "test": [everything[i] for i in sorted(order[:num_test])]}
+        parts = {
+            "train": [everything[i] for i in sorted(order[num_test:])],
+            "test": [everything[i] for i in sorted(order[:num_test])],
+        }
     if not parts["train"]:
-        raise DataError(f"folder source: no image files ({', '.join(IMAGE_EXTENSIONS)}) under "
-                        f"{str(root)!r}; put the images there, in class sub-folders if labelled")
+        raise DataError(
+            f"folder source: no image files ({', '.join(IMAGE_EXTENSIONS)}) under "
+            f"{str(root)!r}; put the images there, in class sub-folders if labelled"
+        )
     classes = sorted({c for items in parts.values() for _, c in items if c is not None})
     class_ids = {c: i for i, c in enumerate(classes)}
     train, bad = _load_files(parts["train"], class_ids)
     test, bad_test = _load_files(parts["test"], class_ids)
     bad += bad_test
     if bad:
-        message = (f"folder source {str(root)!r}: skipped {len(bad)} unreadable or corrupt image "
-                   f"file(s), e.g. {bad[:3]}")
+        message = (
+            f"folder source {str(root)!r}: skipped {len(bad)} unreadable or corrupt image "
+            f"file(s), e.g. {bad[:3]}"
+        )
         log.warning(message)
         warnings.warn(message, stacklevel=3)
     if train.num_examples == 0:
-        raise DataError(f"folder source: none of the {len(parts['train'])} image files under "
-                        f"{str(root)!r} could be decoded (e.g. {bad[0]}); check that they are "
-                        "images (JPEG, PNG, ...) and not truncated")
+        raise DataError(
+            f"folder source: none of the {len(parts['train'])} image files under "
+            f"{str(root)!r} could be decoded (e.g. {bad[0]}); check that they are "
+            "images (JPEG, PNG, ...) and not truncated"
+        )
     source = in_memory_source("folder", train, test, len(classes) or None, f"images in {root}")
     source.skipped = bad
     return source

@@ -31,6 +31,7 @@ batching.
 Evaluation batches are not shuffled or dropped: global batch k holds examples [k * B, (k + 1) *
 B) in order, process p its rows [p * b, (p + 1) * b), the last one padded (label -1, mask False).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -40,12 +41,12 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
-from bt_jax.data.tf_runtime import tf
 
 from bt_jax.data import augment
 from bt_jax.data import views as views_lib
 from bt_jax.data.errors import DataError
 from bt_jax.data.sources import Source, Split
+from bt_jax.data.tf_runtime import tf
 from bt_jax.data.views import ViewSpec
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -63,10 +64,13 @@ def check_batch_size(global_batch: int, num_train: int, device_count: int) -> in
         raise DataError(
             f"global batch size {global_batch} is not divisible by the number of devices "
             f"{device_count}; use a multiple of {device_count}, e.g. "
-            f"{max(device_count, global_batch // max(device_count, 1) * device_count)}")
+            f"{max(device_count, global_batch // max(device_count, 1) * device_count)}"
+        )
     if global_batch > num_train:
-        raise DataError(f"global batch size {global_batch} is larger than the {num_train} "
-                        "training examples, so an epoch has no full batch; use a smaller batch")
+        raise DataError(
+            f"global batch size {global_batch} is larger than the {num_train} "
+            "training examples, so an epoch has no full batch; use a smaller batch"
+        )
     return global_batch // device_count
 
 
@@ -92,17 +96,23 @@ class IndexStream:
         if self.seed < 0:
             raise DataError(f"seed must be >= 0, got {self.seed}")
         if self.process_count <= 0 or not 0 <= self.process_index < self.process_count:
-            raise DataError(f"process_index {self.process_index} is not in "
-                            f"[0, process_count={self.process_count})")
+            raise DataError(
+                f"process_index {self.process_index} is not in "
+                f"[0, process_count={self.process_count})"
+            )
         if self.global_batch <= 0 or self.global_batch % self.process_count:
-            raise DataError(f"batch size {self.global_batch} is not divisible by the "
-                            f"{self.process_count} processes; use a multiple of "
-                            f"{self.process_count}")
+            raise DataError(
+                f"batch size {self.global_batch} is not divisible by the "
+                f"{self.process_count} processes; use a multiple of "
+                f"{self.process_count}"
+            )
         object.__setattr__(self, "_orders", {})
         if self.steps_per_epoch == 0:
-            raise DataError(f"batch size {self.global_batch} is larger than the "
-                            f"{len(self.indices)} examples, so an epoch has no full batch; "
-                            "use a smaller batch")
+            raise DataError(
+                f"batch size {self.global_batch} is larger than the "
+                f"{len(self.indices)} examples, so an epoch has no full batch; "
+                "use a smaller batch"
+            )
 
     @property
     def local_batch(self) -> int:
@@ -127,7 +137,7 @@ class IndexStream:
         """(epoch, int64 [local_batch]) of global step `step` for this process."""
         epoch, position = divmod(int(step), self.steps_per_epoch)
         start = position * self.global_batch + self.process_index * self.local_batch
-        return epoch, self.order(epoch)[start:start + self.local_batch]
+        return epoch, self.order(epoch)[start : start + self.local_batch]
 
 
 def _options(num_workers: int | None) -> tf.data.Options:
@@ -145,8 +155,9 @@ def _image_signature(split: Split) -> tuple[tf.DType, list[int]]:
     return tf.uint8, list(split.images.shape[1:])
 
 
-def _read_rows(split: Split, rows: Callable[[int], tuple[int, np.ndarray, np.ndarray]],
-               batch: int) -> Callable:
+def _read_rows(
+    split: Split, rows: Callable[[int], tuple[int, np.ndarray, np.ndarray]], batch: int
+) -> Callable:
     """A TF function: step -> (epoch [b], index [b], images [b, ...], labels [b], valid [b]).
 
     rows(step) -> (epoch, indices int64 [b], valid bool [b]); one numpy hop reads them.
@@ -160,33 +171,51 @@ def _read_rows(split: Split, rows: Callable[[int], tuple[int, np.ndarray, np.nda
 
     def read(step):
         epoch, indices, valid, images, labels = tf.numpy_function(
-            numpy_read, [step], [tf.int64, tf.int64, tf.bool, image_dtype, tf.int32],
-            stateful=False)
-        return (tf.fill([batch], tf.ensure_shape(epoch, [])), tf.ensure_shape(indices, [batch]),
-                tf.ensure_shape(images, [batch] + image_shape), tf.ensure_shape(labels, [batch]),
-                tf.ensure_shape(valid, [batch]))
+            numpy_read, [step], [tf.int64, tf.int64, tf.bool, image_dtype, tf.int32], stateful=False
+        )
+        return (
+            tf.fill([batch], tf.ensure_shape(epoch, [])),
+            tf.ensure_shape(indices, [batch]),
+            tf.ensure_shape(images, [batch] + image_shape),
+            tf.ensure_shape(labels, [batch]),
+            tf.ensure_shape(valid, [batch]),
+        )
 
     return read
 
 
-def _batches(steps: tf.data.Dataset, read: Callable, example_fn: Callable, batch: int,
-             num_workers: int | None) -> tf.data.Dataset:
+def _batches(
+    steps: tf.data.Dataset,
+    read: Callable,
+    example_fn: Callable,
+    batch: int,
+    num_workers: int | None,
+) -> tf.data.Dataset:
     """step -> read -> map(example_fn) per example -> batch: the one pipeline of this module."""
     ds = steps.map(read).unbatch()
     ds = ds.map(example_fn, num_parallel_calls=num_workers or AUTOTUNE, deterministic=True)
-    return ds.batch(batch, drop_remainder=True).prefetch(AUTOTUNE).with_options(
-        _options(num_workers))
+    return (
+        ds.batch(batch, drop_remainder=True).prefetch(AUTOTUNE).with_options(_options(num_workers))
+    )
 
 
-def _stream_batches(split: Split, stream: IndexStream, example_fn: Callable, *, start_step: int,
-                    num_epochs: int | None, num_workers: int | None) -> tf.data.Dataset:
+def _stream_batches(
+    split: Split,
+    stream: IndexStream,
+    example_fn: Callable,
+    *,
+    start_step: int,
+    num_epochs: int | None,
+    num_workers: int | None,
+) -> tf.data.Dataset:
     if start_step < 0:
         raise DataError(f"start_step must be >= 0, got {start_step}")
     if num_epochs is None:
         steps = tf.data.Dataset.counter(start_step)
     else:
-        steps = tf.data.Dataset.range(start_step,
-                                      max(start_step, num_epochs * stream.steps_per_epoch))
+        steps = tf.data.Dataset.range(
+            start_step, max(start_step, num_epochs * stream.steps_per_epoch)
+        )
 
     def rows(step):
         epoch, indices = stream.at(step)
@@ -196,8 +225,9 @@ def _stream_batches(split: Split, stream: IndexStream, example_fn: Callable, *, 
         del valid  # an index stream has no padding
         return example_fn(epoch, index, image, label)
 
-    return _batches(steps, _read_rows(split, rows, stream.local_batch), example,
-                    stream.local_batch, num_workers)
+    return _batches(
+        steps, _read_rows(split, rows, stream.local_batch), example, stream.local_batch, num_workers
+    )
 
 
 class _Batches:
@@ -250,37 +280,75 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     return int(process_index), int(process_count)
 
 
-def pretrain_dataset(source: Source, *, global_batch: int, image_size: int, seed: int,
-                     start_step: int = 0, min_crop_scale: float = 0.08,
-                     views: Mapping[str, ViewSpec] | None = None, photometric: str = "host",
-                     process_index: int = 0, process_count: int = 1,
-                     num_epochs: int | None = None,
-                     num_workers: int | None = None) -> tf.data.Dataset:
+def pretrain_dataset(
+    source: Source,
+    *,
+    global_batch: int,
+    image_size: int,
+    seed: int,
+    start_step: int = 0,
+    min_crop_scale: float = 0.08,
+    views: Mapping[str, ViewSpec] | None = None,
+    photometric: str = "host",
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    num_workers: int | None = None,
+) -> tf.data.Dataset:
     """The tf.data.Dataset behind `pretrain_batches` (same arguments, no defaults from jax)."""
     views = views_lib.check_views(views)
     views_lib.check_photometric(photometric)
     views_lib.check_image_args(image_size, min_crop_scale)
-    stream = IndexStream(np.arange(source.num_train, dtype=np.int64), global_batch, seed,
-                         process_index, process_count)
+    stream = IndexStream(
+        np.arange(source.num_train, dtype=np.int64),
+        global_batch,
+        seed,
+        process_index,
+        process_count,
+    )
 
     def two_views(epoch, index, image, label):
         view_a, view_b = augment.augment_views(
-            image, [augment.view_seed(seed, epoch, index, v) for v in ("a", "b")],
-            [views["a"], views["b"]], image_size=image_size, min_crop_scale=min_crop_scale,
-            photometric=photometric)
-        return {"view_a": view_a, "view_b": view_b, "label": label,
-                "index": tf.cast(index, tf.int32), "epoch": tf.cast(epoch, tf.int32)}
+            image,
+            [augment.view_seed(seed, epoch, index, v) for v in ("a", "b")],
+            [views["a"], views["b"]],
+            image_size=image_size,
+            min_crop_scale=min_crop_scale,
+            photometric=photometric,
+        )
+        return {
+            "view_a": view_a,
+            "view_b": view_b,
+            "label": label,
+            "index": tf.cast(index, tf.int32),
+            "epoch": tf.cast(epoch, tf.int32),
+        }
 
-    return _stream_batches(source.split("pretrain"), stream, two_views, start_step=start_step,
-                           num_epochs=num_epochs, num_workers=num_workers)
+    return _stream_batches(
+        source.split("pretrain"),
+        stream,
+        two_views,
+        start_step=start_step,
+        num_epochs=num_epochs,
+        num_workers=num_workers,
+    )
 
 
-def pretrain_batches(source: Source, *, global_batch: int, image_size: int, seed: int,
-                     start_step: int = 0, min_crop_scale: float = 0.08,
-                     views: Mapping[str, ViewSpec] | None = None, photometric: str = "host",
-                     process_index: int | None = None, process_count: int | None = None,
-                     num_epochs: int | None = None,
-                     num_workers: int | None = None) -> Iterator[dict]:
+def pretrain_batches(
+    source: Source,
+    *,
+    global_batch: int,
+    image_size: int,
+    seed: int,
+    start_step: int = 0,
+    min_crop_scale: float = 0.08,
+    views: Mapping[str, ViewSpec] | None = None,
+    photometric: str = "host",
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_epochs: int | None = None,
+    num_workers: int | None = None,
+) -> Iterator[dict]:
     """This process's share of each global pretraining batch, from global step start_step on.
 
     Yields numpy dicts {"view_a", "view_b": uint8 [local_batch, image_size, image_size, 3]
@@ -293,17 +361,35 @@ def pretrain_batches(source: Source, *, global_batch: int, image_size: int, seed
     never changes the bytes). Raises DataError before building anything on bad arguments.
     """
     process_index, process_count = _process(process_index, process_count)
-    ds = pretrain_dataset(source, global_batch=global_batch, image_size=image_size, seed=seed,
-                          start_step=start_step, min_crop_scale=min_crop_scale, views=views,
-                          photometric=photometric, process_index=process_index,
-                          process_count=process_count, num_epochs=num_epochs,
-                          num_workers=num_workers)
+    ds = pretrain_dataset(
+        source,
+        global_batch=global_batch,
+        image_size=image_size,
+        seed=seed,
+        start_step=start_step,
+        min_crop_scale=min_crop_scale,
+        views=views,
+        photometric=photometric,
+        process_index=process_index,
+        process_count=process_count,
+        num_epochs=num_epochs,
+        num_workers=num_workers,
+    )
     return _numpy_iterator(ds)
 
 
-def labelled_batches(source: Source, indices: np.ndarray, *, batch_size: int, image_size: int,
-                     seed: int, num_epochs: int, min_crop_scale: float = 0.08,
-                     process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+def labelled_batches(
+    source: Source,
+    indices: np.ndarray,
+    *,
+    batch_size: int,
+    image_size: int,
+    seed: int,
+    num_epochs: int,
+    min_crop_scale: float = 0.08,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict]:
     """Crop + flip training views of the train-split examples `indices`, for the linear and
     semi-supervised protocols.
 
@@ -315,23 +401,43 @@ def labelled_batches(source: Source, indices: np.ndarray, *, batch_size: int, im
     image_size, 3], "label": int32 [batch_size // process_count]}.
     """
     views_lib.check_image_args(image_size, min_crop_scale)
-    stream = IndexStream(np.asarray(indices, np.int64), batch_size, seed, process_index,
-                         process_count)
+    stream = IndexStream(
+        np.asarray(indices, np.int64), batch_size, seed, process_index, process_count
+    )
 
     def crop_flip(epoch, index, image, label):
-        view = augment.augment_view(image, augment.labelled_seed(seed, epoch, index),
-                                    view=views_lib.CROP_FLIP, image_size=image_size,
-                                    min_crop_scale=min_crop_scale)
+        view = augment.augment_view(
+            image,
+            augment.labelled_seed(seed, epoch, index),
+            view=views_lib.CROP_FLIP,
+            image_size=image_size,
+            min_crop_scale=min_crop_scale,
+        )
         return {"image": view, "label": label}
 
-    return _numpy_iterator(_stream_batches(source.split("train"), stream, crop_flip,
-                                           start_step=0, num_epochs=num_epochs,
-                                           num_workers=None))
+    return _numpy_iterator(
+        _stream_batches(
+            source.split("train"),
+            stream,
+            crop_flip,
+            start_step=0,
+            num_epochs=num_epochs,
+            num_workers=None,
+        )
+    )
 
 
-def eval_batches(source: Source, *, split: str, batch_size: int, image_size: int,
-                 resize_size: int | None = None, process_index: int = 0, process_count: int = 1,
-                 num_workers: int | None = None) -> Iterator[dict]:
+def eval_batches(
+    source: Source,
+    *,
+    split: str,
+    batch_size: int,
+    image_size: int,
+    resize_size: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_workers: int | None = None,
+) -> Iterator[dict]:
     """Every example of split ("train" or "test") once, in order, un-augmented.
 
     Global batch k holds examples [k * batch_size, (k + 1) * batch_size), the last one padded
@@ -344,8 +450,10 @@ def eval_batches(source: Source, *, split: str, batch_size: int, image_size: int
     if split not in ("train", "test"):
         raise DataError(f"split must be 'train' or 'test', got {split!r}")
     if batch_size <= 0 or process_count <= 0 or batch_size % process_count:
-        raise DataError(f"evaluation batch size {batch_size} must be a positive multiple of the "
-                        f"{process_count} processes")
+        raise DataError(
+            f"evaluation batch size {batch_size} must be a positive multiple of the "
+            f"{process_count} processes"
+        )
     if not 0 <= process_index < process_count:
         raise DataError(f"process_index {process_index} is not in [0, {process_count})")
     if resize_size is not None and resize_size < image_size:
@@ -362,9 +470,13 @@ def eval_batches(source: Source, *, split: str, batch_size: int, image_size: int
     def example(epoch, index, image, label, valid):
         del epoch, index
         view = augment.eval_transform(image, image_size=image_size, resize_size=resize_size)
-        return {"image": view * tf.cast(valid, tf.uint8), "label": tf.where(valid, label, -1),
-                "mask": valid}
+        return {
+            "image": view * tf.cast(valid, tf.uint8),
+            "label": tf.where(valid, label, -1),
+            "mask": valid,
+        }
 
     steps = tf.data.Dataset.range(math.ceil(num_examples / batch_size))
-    return _numpy_iterator(_batches(steps, _read_rows(data, rows, local), example, local,
-                                    num_workers))
+    return _numpy_iterator(
+        _batches(steps, _read_rows(data, rows, local), example, local, num_workers)
+    )

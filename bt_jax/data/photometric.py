@@ -26,6 +26,7 @@ parameters are drawn as integers too, and the blur kernels come from a table of 
 (uniform over [0.1, 2.0], computed in float64 with numpy); float32 appears only at the end,
 in one subtraction and one division per value.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -160,12 +161,18 @@ def adjust_hue(x: jax.Array, shift: jax.Array) -> jax.Array:
     r, g, b = x[..., 0], x[..., 1], x[..., 2]
     # The six orderings, as the kernel's branches (ties may fall on either side).
     r_lt_g = r < g
-    category = jnp.where(r_lt_g, jnp.where(b < r, 1, jnp.where(b > g, 3, 2)),
-                         jnp.where(b < g, 0, jnp.where(b > r, 4, 5)))
+    category = jnp.where(
+        r_lt_g,
+        jnp.where(b < r, 1, jnp.where(b > g, 3, 2)),
+        jnp.where(b < g, 0, jnp.where(b > r, 4, 5)),
+    )
     v_max = jnp.maximum(jnp.maximum(r, g), b)
     v_min = jnp.minimum(jnp.minimum(r, g), b)
-    v_mid = jnp.where(r_lt_g, jnp.where(b < r, r, jnp.where(b > g, g, b)),
-                      jnp.where(b < g, g, jnp.where(b > r, r, b)))
+    v_mid = jnp.where(
+        r_lt_g,
+        jnp.where(b < r, r, jnp.where(b > g, g, b)),
+        jnp.where(b < g, g, jnp.where(b > r, r, b)),
+    )
     chroma = v_max - v_min
     ratio = ((v_mid - v_min) * ONE) // jnp.maximum(chroma, 1)
     h = category * ONE + jnp.where(category % 2 == 0, ratio, ONE - ratio)
@@ -183,8 +190,9 @@ def adjust_hue(x: jax.Array, shift: jax.Array) -> jax.Array:
 
     # (r, g, b) per category: 0 (max, mid, min), 1 (mid, max, min), 2 (min, max, mid),
     # 3 (min, mid, max), 4 (mid, min, max), 5 (max, min, mid).
-    return jnp.stack([channel((0, 5), (1, 4)), channel((1, 2), (0, 3)), channel((3, 4), (2, 5))],
-                     axis=-1)
+    return jnp.stack(
+        [channel((0, 5), (1, 4)), channel((1, 2), (0, 3)), channel((3, 4), (2, 5))], axis=-1
+    )
 
 
 def to_grayscale(x: jax.Array) -> jax.Array:
@@ -199,9 +207,9 @@ def gaussian_blur(x: jax.Array, level: jax.Array) -> jax.Array:
     k = jnp.asarray(BLUR_TABLE)[level]
     h, w = x.shape[0], x.shape[1]
     y = jnp.pad(x, ((r, r), (0, 0), (0, 0)), mode="reflect")
-    y = _shift_round(sum(k[t] * y[t:t + h] for t in range(2 * r + 1)), PIXEL_BITS)
+    y = _shift_round(sum(k[t] * y[t : t + h] for t in range(2 * r + 1)), PIXEL_BITS)
     y = jnp.pad(y, ((0, 0), (r, r), (0, 0)), mode="reflect")
-    return _shift_round(sum(k[t] * y[:, t:t + w] for t in range(2 * r + 1)), PIXEL_BITS)
+    return _shift_round(sum(k[t] * y[:, t : t + w] for t in range(2 * r + 1)), PIXEL_BITS)
 
 
 def solarize(x: jax.Array) -> jax.Array:
@@ -218,8 +226,9 @@ def _rank_order(u: jax.Array) -> jax.Array:
     n = u.shape[0]
     position = jnp.arange(n)
     # rank of i: how many draws come before it (ties broken by position)
-    before = (u[None, :] < u[:, None]) | ((u[None, :] == u[:, None])
-                                          & (position[None, :] < position[:, None]))
+    before = (u[None, :] < u[:, None]) | (
+        (u[None, :] == u[:, None]) & (position[None, :] < position[:, None])
+    )
     rank = jnp.sum(before, axis=1)
     return jnp.sum(jnp.where(rank[None, :] == position[:, None], position[None, :], 0), axis=1)
 
@@ -248,12 +257,14 @@ def _maybe(coin: jax.Array, prob, fn, x: jax.Array) -> jax.Array:
 def color_jitter(x: jax.Array, r: jax.Array, spec: ViewSpec) -> jax.Array:
     """torchvision's ColorJitter: factors uniform in 1 +- strength (hue +- spec.hue turns), the
     four operations in a uniformly random order. r: int32 [8], 16 random bits each."""
+
     def factor(strength, bits):
         s = jnp.round(jnp.asarray(strength, jnp.float32) * FACTOR_ONE).astype(jnp.int32)
         return _uniform_int(bits, FACTOR_ONE - s, 2 * s)
 
-    factors = jnp.stack([factor(spec.brightness, r[0]), factor(spec.contrast, r[1]),
-                         factor(spec.saturation, r[2])])
+    factors = jnp.stack(
+        [factor(spec.brightness, r[0]), factor(spec.contrast, r[1]), factor(spec.saturation, r[2])]
+    )
     hue_range = hue_q(spec.hue)
     shift = _uniform_int(r[3], -hue_range, 2 * hue_range)
     order = _rank_order(r[4:8])  # 0 brightness, 1 contrast, 2 saturation, 3 hue
@@ -299,31 +310,41 @@ def example_keys(seed, epoch: jax.Array, index: jax.Array, view: str) -> jax.Arr
     return jax.vmap(one)(epoch, index)
 
 
-def _device_views(batch: Mapping[str, jax.Array], seed,
-                  views: Mapping[str, ViewSpec]) -> dict[str, jax.Array]:
+def _device_views(
+    batch: Mapping[str, jax.Array], seed, views: Mapping[str, ViewSpec]
+) -> dict[str, jax.Array]:
     n = batch["view_a"].shape[0]
     # Both views through one vmapped program, each row with its view's parameters.
     images = to_fixed(jnp.concatenate([batch["view_a"], batch["view_b"]]))
-    keys = jnp.concatenate([example_keys(seed, batch["epoch"], batch["index"], name)
-                            for name in ("a", "b")])
-    specs = {field.name: jnp.repeat(jnp.asarray([getattr(views[v], field.name) for v in "ab"],
-                                                jnp.float32), n)
-             for field in dataclasses.fields(ViewSpec)}
+    keys = jnp.concatenate(
+        [example_keys(seed, batch["epoch"], batch["index"], name) for name in ("a", "b")]
+    )
+    specs = {
+        field.name: jnp.repeat(
+            jnp.asarray([getattr(views[v], field.name) for v in "ab"], jnp.float32), n
+        )
+        for field in dataclasses.fields(ViewSpec)
+    }
     out = jax.vmap(lambda y, k, p: photometric_view(y, k, ViewSpec(**p)))(images, keys, specs)
     return {"view_a": out[:n], "view_b": out[n:]}
 
 
-def photometric_views(batch: Mapping[str, jax.Array], *, seed: int,
-                      views: Mapping[str, ViewSpec] | None = None) -> dict[str, jax.Array]:
+def photometric_views(
+    batch: Mapping[str, jax.Array], *, seed: int, views: Mapping[str, ViewSpec] | None = None
+) -> dict[str, jax.Array]:
     """Device mode's views before normalisation: {"view_a", "view_b": float32 [n, H, W, 3] in
     [0, 1]} from uint8 crops (see finish_views)."""
     views = views_lib.check_views(views)
     return {k: from_fixed(v) for k, v in _device_views(batch, seed, views).items()}
 
 
-def finish_views(batch: Mapping[str, jax.Array], *, seed: int,
-                 views: Mapping[str, ViewSpec] | None = None,
-                 photometric: str = "host") -> dict[str, jax.Array]:
+def finish_views(
+    batch: Mapping[str, jax.Array],
+    *,
+    seed: int,
+    views: Mapping[str, ViewSpec] | None = None,
+    photometric: str = "host",
+) -> dict[str, jax.Array]:
     """The network's inputs from (this device's rows of) a pretraining batch.
 
     batch: {"view_a", "view_b": uint8 [n, H, W, 3], "epoch", "index": int32 [n]} (as

@@ -7,6 +7,7 @@ The views are exactly those of epoch --epoch of training with --seed (same per-e
 `pretrain_batches` with photometric="host"), for the first --num examples of the pretraining
 split. Errors are one `error:` line (--verbose for the traceback).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,15 @@ from bt_jax.data import views
 from bt_jax.data.errors import DataError
 
 
-def preview_triples(source, *, num: int, image_size: int, seed: int = 0, epoch: int = 0,
-                    min_crop_scale: float = 0.08) -> np.ndarray:
+def preview_triples(
+    source,
+    *,
+    num: int,
+    image_size: int,
+    seed: int = 0,
+    epoch: int = 0,
+    min_crop_scale: float = 0.08,
+) -> np.ndarray:
     """uint8 [num, 3, image_size, image_size, 3]: (original, view A, view B) per example."""
     from bt_jax.data import augment
     from bt_jax.data.tf_runtime import tf
@@ -35,8 +43,12 @@ def preview_triples(source, *, num: int, image_size: int, seed: int = 0, epoch: 
         image = tf.constant(images[i])
         original = augment.eval_transform(image, image_size=image_size)
         two = augment.augment_views(
-            image, [augment.view_seed(seed, epoch, i, v) for v in ("a", "b")], ["a", "b"],
-            image_size=image_size, min_crop_scale=min_crop_scale)
+            image,
+            [augment.view_seed(seed, epoch, i, v) for v in ("a", "b")],
+            ["a", "b"],
+            image_size=image_size,
+            min_crop_scale=min_crop_scale,
+        )
         rows.append(np.stack([original.numpy()] + [v.numpy() for v in two]))
     return np.stack(rows)
 
@@ -70,8 +82,12 @@ def save_grid(triples: np.ndarray, path: epath.PathLike, title: str = "") -> Non
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="digits", help="digits, idx, folder or a tfds name")
-    parser.add_argument("--data_dir", "--data-dir", default=None,
-                        help="IDX folder, image folder or tfds data_dir (local or gs://)")
+    parser.add_argument(
+        "--data_dir",
+        "--data-dir",
+        default=None,
+        help="IDX folder, image folder or tfds data_dir (local or gs://)",
+    )
     parser.add_argument("--out", default="views.png", help="output picture (PNG)")
     parser.add_argument("--num", type=int, default=8, help="examples (rows)")
     parser.add_argument("--image_size", "--image-size", type=int, default=32)
@@ -87,8 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bt_jax.data.catalog import load_source
 
     source = load_source(args.dataset, args.data_dir)
-    triples = preview_triples(source, num=args.num, image_size=args.image_size, seed=args.seed,
-                              epoch=args.epoch, min_crop_scale=args.min_crop_scale)
+    triples = preview_triples(
+        source,
+        num=args.num,
+        image_size=args.image_size,
+        seed=args.seed,
+        epoch=args.epoch,
+        min_crop_scale=args.min_crop_scale,
+    )
     save_grid(triples, args.out, f"{args.dataset}: seed {args.seed}, epoch {args.epoch}")
     print(f"wrote {args.out}: {len(triples)} x (original, view A, view B) at {args.image_size} px")
     return 0

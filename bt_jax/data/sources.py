@@ -23,6 +23,7 @@ Random access is what makes shuffling, per-process shares and exact resume pure 
 Splits load lazily (on first use) and are cached on the Source, so `load_source` is cheap and
 checks only that the data is there. TF-free.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,10 +38,10 @@ DIGITS_NUM_TRAIN = 1500  # of 1797, after a fixed permutation (seed 0); the rest
 BUILTIN_SOURCES = {
     "digits": "scikit-learn's bundled 8x8 digits (embedded, no download)",
     "idx": f"MNIST-format IDX files in data_dir (default {DEFAULT_IDX_DIR}, Debian's "
-           "dataset-fashion-mnist)",
+    "dataset-fashion-mnist)",
     "fashion_mnist_idx": "alias of 'idx'",
     "folder": "a folder of image files in data_dir (class sub-folders optional; train/ and "
-              "test/ optional)",
+    "test/ optional)",
 }
 
 
@@ -62,9 +63,11 @@ class Split:
     def __post_init__(self):
         if self.data_source is None:
             if self.images is None or self.labels is None or len(self.images) != len(self.labels):
-                raise DataError("a Split needs images and labels of the same length, got "
-                                f"{None if self.images is None else len(self.images)} images and "
-                                f"{None if self.labels is None else len(self.labels)} labels")
+                raise DataError(
+                    "a Split needs images and labels of the same length, got "
+                    f"{None if self.images is None else len(self.images)} images and "
+                    f"{None if self.labels is None else len(self.labels)} labels"
+                )
             self.labels = np.asarray(self.labels, np.int32)
 
     @property
@@ -128,31 +131,50 @@ class Source:
         return f"Source({self.name!r}, num_classes={self.num_classes}, sizes={self.sizes})"
 
 
-def in_memory_source(name: str, train: Split, test: Split, num_classes: int | None,
-                     description: str = "") -> Source:
+def in_memory_source(
+    name: str, train: Split, test: Split, num_classes: int | None, description: str = ""
+) -> Source:
     """A Source whose pretrain and train splits are `train`."""
-    return Source(name=name, num_classes=num_classes,
-                  loaders={"pretrain": lambda: train, "train": lambda: train, "test": lambda: test},
-                  sizes={"pretrain": train.num_examples, "train": train.num_examples,
-                         "test": test.num_examples},
-                  description=description)
+    return Source(
+        name=name,
+        num_classes=num_classes,
+        loaders={"pretrain": lambda: train, "train": lambda: train, "test": lambda: test},
+        sizes={
+            "pretrain": train.num_examples,
+            "train": train.num_examples,
+            "test": test.num_examples,
+        },
+        description=description,
+    )
 
 
-def from_arrays(name: str, train_images: np.ndarray, train_labels: np.ndarray | None,
-                test_images: np.ndarray, test_labels: np.ndarray | None,
-                num_classes: int | None = None) -> Source:
+def from_arrays(
+    name: str,
+    train_images: np.ndarray,
+    train_labels: np.ndarray | None,
+    test_images: np.ndarray,
+    test_labels: np.ndarray | None,
+    num_classes: int | None = None,
+) -> Source:
     """A Source from in-memory arrays: images uint8 [N, H, W, C] (C in {1, 3}), labels int [N]
     or None."""
+
     def split(images, labels) -> Split:
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-            raise DataError(f"images must be uint8 [N, H, W, 1 or 3], got {images.dtype} "
-                            f"{images.shape}")
+            raise DataError(
+                f"images must be uint8 [N, H, W, 1 or 3], got {images.dtype} {images.shape}"
+            )
         labels = np.full(len(images), -1, np.int32) if labels is None else labels
         return Split(images, labels)
 
-    return in_memory_source(name, split(train_images, train_labels),
-                            split(test_images, test_labels), num_classes, "in-memory arrays")
+    return in_memory_source(
+        name,
+        split(train_images, train_labels),
+        split(test_images, test_labels),
+        num_classes,
+        "in-memory arrays",
+    )
 
 
 def load_digits() -> Source:
@@ -167,5 +189,10 @@ def load_digits() -> Source:
     labels = digits.target.astype(np.int32)
     order = np.random.default_rng(0).permutation(len(labels))
     tr, te = order[:DIGITS_NUM_TRAIN], order[DIGITS_NUM_TRAIN:]
-    return in_memory_source("digits", Split(images[tr], labels[tr]),
-                            Split(images[te], labels[te]), 10, BUILTIN_SOURCES["digits"])
+    return in_memory_source(
+        "digits",
+        Split(images[tr], labels[tr]),
+        Split(images[te], labels[te]),
+        10,
+        BUILTIN_SOURCES["digits"],
+    )

@@ -3,6 +3,7 @@
 Hides accelerators from TF before it initialises them, since JAX owns them (TF would otherwise
 reserve GPU memory). Import this module lazily: the train step must not need TensorFlow.
 """
+
 import tensorflow as tf
 
 try:

@@ -2,6 +2,7 @@
 
 What each preparation holds in memory is in sources.py. `data_dir` may be local or gs://.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -17,14 +18,27 @@ from bt_jax.data.sources import BUILTIN_SOURCES, Source, Split
 TFDS_EXAMPLES = ("cifar10", "cifar100", "stl10", "fashion_mnist", "mnist", "imagenet2012")
 # tfds datasets whose pretraining split is not 'train' (stl10: the 100k unlabelled images too).
 TFDS_PRETRAIN_SPLIT = {"stl10": "train+unlabelled"}
-_NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
-                 "hundred": "100", "thousand": "1000"}
+_NUMBER_WORDS = {
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+    "hundred": "100",
+    "thousand": "1000",
+}
 
 
 def _tfds():
-    from bt_jax.data import tf_runtime  # noqa: F401 - TF set up for tf.data only, first
     import tensorflow_datasets as tfds
+
+    from bt_jax.data import tf_runtime  # noqa: F401 - TF set up for tf.data only, first
 
     return tfds
 
@@ -50,15 +64,19 @@ def suggest(name: str, known: list[str], n: int = 3) -> list[str]:
 
 def _tfds_not_prepared(name: str, data_dir: str | None, builder) -> DataNotPreparedError:
     where = data_dir or "the default tfds data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
-    message = (f"tfds dataset {name!r} is not prepared in {where}. Prepare it on a machine with a "
-               f"network (`tfds build {name} --data_dir=DIR`, or python -c \"import "
-               f"tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='DIR')."
-               f"download_and_prepare()\"), then copy DIR here and pass data_dir=DIR.")
+    message = (
+        f"tfds dataset {name!r} is not prepared in {where}. Prepare it on a machine with a "
+        f'network (`tfds build {name} --data_dir=DIR`, or python -c "import '
+        f"tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='DIR')."
+        f'download_and_prepare()"), then copy DIR here and pass data_dir=DIR.'
+    )
     manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
     if manual:
-        message += (f" {name} needs a manual download first: put the files below in "
-                    f"DIR/downloads/manual/, then run `tfds build {name} --data_dir=DIR`:\n"
-                    f"{manual.strip()}")
+        message += (
+            f" {name} needs a manual download first: put the files below in "
+            f"DIR/downloads/manual/, then run `tfds build {name} --data_dir=DIR`:\n"
+            f"{manual.strip()}"
+        )
     if name in ("fashion_mnist", "mnist"):
         message += " Offline, Debian's IDX files work too: load_source('idx')."
     return DataNotPreparedError(message)
@@ -76,7 +94,8 @@ def _tfds_builder(name: str, data_dir: str | None):
             f"unknown dataset {name!r}. Known sources: {', '.join(BUILTIN_SOURCES)}, or any "
             f"tensorflow-datasets image dataset (e.g. {', '.join(TFDS_EXAMPLES)}; "
             f"{len(known) - len(BUILTIN_SOURCES)} names in tfds.list_builders())."
-            + (f" Did you mean {' or '.join(map(repr, close))}?" if close else "")) from None
+            + (f" Did you mean {' or '.join(map(repr, close))}?" if close else "")
+        ) from None
 
 
 def _split_info(builder, split: str) -> tuple[int, int] | None:
@@ -88,8 +107,9 @@ def _split_info(builder, split: str) -> tuple[int, int] | None:
     return sum(p.num_examples for p in parts), sum(p.num_bytes for p in parts)
 
 
-def _tfds_load_in_memory(builder, split: str, image_key: str, label_key: str | None,
-                         max_bytes: float) -> Split:
+def _tfds_load_in_memory(
+    builder, split: str, image_key: str, label_key: str | None, max_bytes: float
+) -> Split:
     tfds = _tfds()
 
     feature = builder.info.features[image_key]
@@ -104,7 +124,8 @@ def _tfds_load_in_memory(builder, split: str, image_key: str, label_key: str | N
                 f"max_in_memory_gb=...)). It is prepared as {builder.info.file_format.value}, "
                 f"which has no random access; convert "
                 f"it once to array_record (`tfds convert_format --dataset_version_dir="
-                f"{builder.data_dir} --out_file_format=array_record`) and it is read from disk.")
+                f"{builder.data_dir} --out_file_format=array_record`) and it is read from disk."
+            )
     # Fixed-shape images (cifar, mnist, stl10) are held decoded; others as their encoded bytes.
     decoders = None if fixed else {image_key: tfds.decode.SkipDecoding()}
     try:
@@ -114,8 +135,11 @@ def _tfds_load_in_memory(builder, split: str, image_key: str, label_key: str | N
     images, labels = [], []
     for batch in tfds.as_numpy(ds.batch(1024)):
         images.append(batch[image_key])
-        labels.append(batch[label_key].astype(np.int32) if label_key
-                      else np.full(len(batch[image_key]), -1, np.int32))
+        labels.append(
+            batch[label_key].astype(np.int32)
+            if label_key
+            else np.full(len(batch[image_key]), -1, np.int32)
+        )
     if fixed:
         arr = np.concatenate(images) if images else np.zeros((0, *feature.shape), np.uint8)
     else:
@@ -137,8 +161,13 @@ def _tfds_split_names(builder) -> dict[str, str]:
     return {"pretrain": pretrain, "train": "train", "test": test}
 
 
-def load_tfds(name: str, data_dir: epath.PathLike | None = None, *, download: bool = False,
-              max_in_memory_gb: float = 16.0) -> Source:
+def load_tfds(
+    name: str,
+    data_dir: epath.PathLike | None = None,
+    *,
+    download: bool = False,
+    max_in_memory_gb: float = 16.0,
+) -> Source:
     """A tensorflow-datasets image dataset (reads offline once prepared in data_dir).
 
     download=True runs tfds's download_and_prepare first (needs a network, and for imagenet2012
@@ -154,11 +183,16 @@ def load_tfds(name: str, data_dir: epath.PathLike | None = None, *, download: bo
     if download:
         builder.download_and_prepare()
     features = builder.info.features
-    image_key = "image" if "image" in features else next(
-        (k for k, f in features.items() if isinstance(f, tfds.features.Image)), None)
+    image_key = (
+        "image"
+        if "image" in features
+        else next((k for k, f in features.items() if isinstance(f, tfds.features.Image)), None)
+    )
     if image_key is None:
-        raise DataError(f"tfds dataset {name!r} has no image feature (features: "
-                        f"{list(features)}); pick an image dataset")
+        raise DataError(
+            f"tfds dataset {name!r} has no image feature (features: "
+            f"{list(features)}); pick an image dataset"
+        )
     label_key = "label" if "label" in features else None
     num_classes = getattr(features[label_key], "num_classes", None) if label_key else None
     names = _tfds_split_names(builder)
@@ -174,8 +208,11 @@ def load_tfds(name: str, data_dir: epath.PathLike | None = None, *, download: bo
 
     def loader(split):
         if random_access:
-            source = builder.as_data_source(split, decoders={image_key: tfds.decode.SkipDecoding()},
-                                            file_format=tfds.core.FileFormat.ARRAY_RECORD)
+            source = builder.as_data_source(
+                split,
+                decoders={image_key: tfds.decode.SkipDecoding()},
+                file_format=tfds.core.FileFormat.ARRAY_RECORD,
+            )
             return Split(None, None, data_source=source, label_key=label_key)
         return _tfds_load_in_memory(builder, split, image_key, label_key, max_bytes)
 
@@ -185,11 +222,17 @@ def load_tfds(name: str, data_dir: epath.PathLike | None = None, *, download: bo
         for key, split in names.items():
             info = _split_info(builder, split)
             if info is None and "[" not in split:
-                raise DataError(f"tfds {name!r} has no split {split!r} (splits: "
-                                f"{list(builder.info.splits)}); it is not an image "
-                                "classification dataset this loader knows")
+                raise DataError(
+                    f"tfds {name!r} has no split {split!r} (splits: "
+                    f"{list(builder.info.splits)}); it is not an image "
+                    "classification dataset this loader knows"
+                )
             if info is not None:
                 sizes[key] = info[0]
-    return Source(name=name, num_classes=num_classes,
-                  loaders={k: functools.partial(loader, s) for k, s in names.items()},
-                  sizes=sizes, description=f"tfds {name} ({where})")
+    return Source(
+        name=name,
+        num_classes=num_classes,
+        loaders={k: functools.partial(loader, s) for k, s in names.items()},
+        sizes=sizes,
+        description=f"tfds {name} ({where})",
+    )

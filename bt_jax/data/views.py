@@ -15,6 +15,7 @@ photometric ops (photometric.py, JAX), the config and the trainer share one defi
 
 (The official code's recipe; the blur and solarize probabilities come from BYOL.)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,8 +64,9 @@ VIEWS: dict[str, ViewSpec] = {
 VIEW_IDS = {"a": 0, "b": 1}
 # RandomResizedCrop + horizontal flip and nothing else: the training views of the linear and
 # semi-supervised protocols (official evaluate.py).
-CROP_FLIP = ViewSpec(flip_prob=0.5, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0,
-                     solarize_prob=0.0)
+CROP_FLIP = ViewSpec(
+    flip_prob=0.5, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0
+)
 
 
 def view_spec(view: str | ViewSpec) -> ViewSpec:
@@ -82,19 +84,25 @@ def check_views(views: Mapping[str, ViewSpec] | None) -> dict[str, ViewSpec]:
     fault."""
     views = dict(VIEWS if views is None else views)
     if sorted(views) != ["a", "b"]:
-        raise DataError(f"views must map 'a' and 'b' to ViewSpecs, got keys {sorted(views)}; "
-                        f"start from bt_jax.data.VIEWS")
+        raise DataError(
+            f"views must map 'a' and 'b' to ViewSpecs, got keys {sorted(views)}; "
+            f"start from bt_jax.data.VIEWS"
+        )
     for name, spec in views.items():
         if not isinstance(spec, ViewSpec):
             raise DataError(f"views[{name!r}] must be a ViewSpec, got {type(spec).__name__}")
         for field in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
             if not 0.0 <= getattr(spec, field) <= 1.0:
-                raise DataError(f"views[{name!r}].{field} must be a probability in [0, 1], got "
-                                f"{getattr(spec, field)}")
+                raise DataError(
+                    f"views[{name!r}].{field} must be a probability in [0, 1], got "
+                    f"{getattr(spec, field)}"
+                )
         for field in ("brightness", "contrast", "saturation"):
             if not 0.0 <= getattr(spec, field) <= 1.0:
-                raise DataError(f"views[{name!r}].{field} must be in [0, 1] (a factor range "
-                                f"1 +- {field}), got {getattr(spec, field)}")
+                raise DataError(
+                    f"views[{name!r}].{field} must be in [0, 1] (a factor range "
+                    f"1 +- {field}), got {getattr(spec, field)}"
+                )
         if not 0.0 <= spec.hue <= 0.5:
             raise DataError(f"views[{name!r}].hue must be in [0, 0.5], got {spec.hue}")
     return views
@@ -103,15 +111,19 @@ def check_views(views: Mapping[str, ViewSpec] | None) -> dict[str, ViewSpec]:
 def check_photometric(photometric: str) -> str:
     """'host' or 'device', or DataError."""
     if photometric not in PHOTOMETRIC_MODES:
-        raise DataError(f"photometric must be one of {PHOTOMETRIC_MODES} (where the colour "
-                        f"jitter, grayscale, blur and solarize run), got {photometric!r}")
+        raise DataError(
+            f"photometric must be one of {PHOTOMETRIC_MODES} (where the colour "
+            f"jitter, grayscale, blur and solarize run), got {photometric!r}"
+        )
     return photometric
 
 
 def check_image_args(image_size: int, min_crop_scale: float) -> None:
     """DataError unless image_size >= MIN_IMAGE_SIZE and min_crop_scale is in (0, 1]."""
     if image_size < MIN_IMAGE_SIZE:
-        raise DataError(f"image_size must be at least {MIN_IMAGE_SIZE} (the blur "
-                        f"kernel's reflect padding), got {image_size}")
+        raise DataError(
+            f"image_size must be at least {MIN_IMAGE_SIZE} (the blur "
+            f"kernel's reflect padding), got {image_size}"
+        )
     if not 0.0 < min_crop_scale <= 1.0:
         raise DataError(f"min_crop_scale must be in (0, 1], got {min_crop_scale}")

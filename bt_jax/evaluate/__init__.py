@@ -1,7 +1,8 @@
 """Evaluation protocols for a pretrained backbone, each beside the same numbers for baselines.
 
     python -m bt_jax.evaluate --workdir=runs/default --protocol=knn
-    python -m bt_jax.evaluate --workdir=runs/default --protocol=linear --config.eval.linear_epochs=10
+    python -m bt_jax.evaluate --workdir=runs/default --protocol=linear \\
+        --config.eval.linear_epochs=10
 
 Protocols (``config.eval.*`` sets their hyperparameters; the defaults are the published ones),
 one module each, registered by name: ``linear`` (the paper's), ``logreg`` (the fast linear
@@ -19,13 +20,26 @@ import importlib
 from typing import Any
 
 _NAMES = {
-    "evaluate": "run", "evaluate_checkpoints": "run", "at_end": "run",
-    "labelled_source": "run", "load_run_config": "run", "load_variables": "run",
-    "with_baselines": "run", "make_context": "run", "ArchitectureMismatchError": "run",
-    "EvaluationError": "context", "UnlabelledSourceError": "context", "Context": "context",
-    "QUICK": "context", "topk_accuracy": "context", "summary_line": "results",
-    "results_path": "results", "knn_scores": "knn", "knn_protocol": "knn",
-    "logreg_protocol": "logreg", "label_subset": "finetune",
+    "evaluate": "run",
+    "evaluate_checkpoints": "run",
+    "at_end": "run",
+    "labelled_source": "run",
+    "load_run_config": "run",
+    "load_variables": "run",
+    "with_baselines": "run",
+    "make_context": "run",
+    "ArchitectureMismatchError": "run",
+    "EvaluationError": "context",
+    "UnlabelledSourceError": "context",
+    "Context": "context",
+    "QUICK": "context",
+    "topk_accuracy": "context",
+    "summary_line": "results",
+    "results_path": "results",
+    "knn_scores": "knn",
+    "knn_protocol": "knn",
+    "logreg_protocol": "logreg",
+    "label_subset": "finetune",
 }
 _PROTOCOL_MODULES = ("knn", "logreg", "linear", "finetune")
 

@@ -1,9 +1,9 @@
 """The evaluation command line.
 
-    python -m bt_jax.evaluate --workdir=runs/default --protocol=knn
-    python -m bt_jax.evaluate --workdir=runs/default --protocol=logreg --step=400 --baselines=false
-    python -m bt_jax.evaluate --workdir=runs/default --protocol=knn --all_checkpoints
-    python -m bt_jax.evaluate --workdir=gs://bucket/runs/r1 --protocol=linear --distributed
+python -m bt_jax.evaluate --workdir=runs/default --protocol=knn
+python -m bt_jax.evaluate --workdir=runs/default --protocol=logreg --step=400 --baselines=false
+python -m bt_jax.evaluate --workdir=runs/default --protocol=knn --all_checkpoints
+python -m bt_jax.evaluate --workdir=gs://bucket/runs/r1 --protocol=linear --distributed
 """
 
 from __future__ import annotations
@@ -18,12 +18,17 @@ INTERRUPTS.enter(interrupts_lib.EVALUATION, "nothing was written")
 
 import json  # noqa: E402
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import (
+    app,  # noqa: E402
+    flags,  # noqa: E402
+    logging,  # noqa: E402
+)
 from ml_collections import config_flags  # noqa: E402
 
-from bt_jax import cli  # noqa: E402
-from bt_jax import files  # noqa: E402,F401 - configures the storage clients
+from bt_jax import (
+    cli,  # noqa: E402
+    files,  # noqa: E402,F401 - configures the storage clients
+)
 from bt_jax import config as config_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -34,25 +39,45 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "The pretraining run to evaluate (its --workdir).")
     flags.DEFINE_enum("protocol", "knn", PROTOCOL_NAMES, "The protocol.")
     flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
-    flags.DEFINE_bool("baselines", True, "Also evaluate the baselines (random-init backbones; "
-                      "raw pixels for logreg).")
-    flags.DEFINE_bool("all_checkpoints", False, "Evaluate every retained checkpoint "
-                      "(eval_checkpoints.json, TensorBoard curves).")
-    flags.DEFINE_bool("recompute_bn", False, "Re-estimate the backbone's BatchNorm statistics "
-                      "on training images before evaluating.")
-    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (every host of "
-                      "a pod runs this command; the work is split over all their devices).")
+    flags.DEFINE_bool(
+        "baselines",
+        True,
+        "Also evaluate the baselines (random-init backbones; raw pixels for logreg).",
+    )
+    flags.DEFINE_bool(
+        "all_checkpoints",
+        False,
+        "Evaluate every retained checkpoint (eval_checkpoints.json, TensorBoard curves).",
+    )
+    flags.DEFINE_bool(
+        "recompute_bn",
+        False,
+        "Re-estimate the backbone's BatchNorm statistics on training images before evaluating.",
+    )
+    flags.DEFINE_bool(
+        "distributed",
+        False,
+        "Call jax.distributed.initialize() (every host of "
+        "a pod runs this command; the work is split over all their devices).",
+    )
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
     flags.DEFINE_integer("num_processes", None, "Number of processes.")
     flags.DEFINE_integer("process_id", None, "This process's index.")
-    flags.DEFINE_integer("heartbeat_timeout_seconds", 60, "With --distributed: a process that "
-                         "dies or freezes stops the others within about this long.")
+    flags.DEFINE_integer(
+        "heartbeat_timeout_seconds",
+        60,
+        "With --distributed: a process that "
+        "dies or freezes stops the others within about this long.",
+    )
     flags.DEFINE_bool("verbose", False, "Show tracebacks (for bug reports).")
     # Today's defaults stand in for the run's config only to parse --config.GROUP.KEY=VALUE
     # overrides, which are applied over the run's config.json.
     config_flags.DEFINE_config_dict(
-        "config", config_lib.get_config(), "Override the run's config: --config.eval.KEY=VALUE.",
-        lock_config=True)
+        "config",
+        config_lib.get_config(),
+        "Override the run's config: --config.eval.KEY=VALUE.",
+        lock_config=True,
+    )
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -65,37 +90,50 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def overrides() -> dict:
     """{"eval.knn_k": 20, ...}: the --config.* flags given on the command line."""
-    return {name.split(".", 1)[1]: FLAGS[name].value for name in FLAGS
-            if name.startswith("config.") and FLAGS[name].present}
+    return {
+        name.split(".", 1)[1]: FLAGS[name].value
+        for name in FLAGS
+        if name.startswith("config.") and FLAGS[name].present
+    }
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         sys.stderr.write(f"error: unexpected arguments {argv[1:]}; flags are --name=value.\n")
         sys.exit(2)
+    logging.get_absl_handler().addFilter(cli.LibraryLogFilter(verbose=FLAGS.verbose))
 
     def run() -> int:
         if FLAGS.distributed or FLAGS.coordinator_address:
             from bt_jax import parallel
 
             INTERRUPTS.hand_sigterm_to_jax()
-            parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                            FLAGS.process_id, FLAGS.heartbeat_timeout_seconds)
+            parallel.initialize_distributed(
+                FLAGS.coordinator_address,
+                FLAGS.num_processes,
+                FLAGS.process_id,
+                FLAGS.heartbeat_timeout_seconds,
+            )
         import jax
 
         from bt_jax import evaluate
 
         if FLAGS.all_checkpoints:
             records = evaluate.evaluate_checkpoints(
-                FLAGS.workdir, [FLAGS.protocol], baselines=FLAGS.baselines,
-                overrides=overrides())
+                FLAGS.workdir, [FLAGS.protocol], baselines=FLAGS.baselines, overrides=overrides()
+            )
             if jax.process_index() == 0:
                 for record in records:
                     print(f"step {record['step']}: {evaluate.summary_line(record['results'])}")
             return 0
-        record = evaluate.evaluate(FLAGS.workdir, FLAGS.protocol, step=FLAGS.step,
-                                   baselines=FLAGS.baselines, overrides=overrides(),
-                                   recompute_bn=FLAGS.recompute_bn)
+        record = evaluate.evaluate(
+            FLAGS.workdir,
+            FLAGS.protocol,
+            step=FLAGS.step,
+            baselines=FLAGS.baselines,
+            overrides=overrides(),
+            recompute_bn=FLAGS.recompute_bn,
+        )
         if jax.process_index() == 0:
             where = "backbone.msgpack" if record["step"] is None else f"step {record['step']}"
             print(f"{FLAGS.protocol} ({where}): {json.dumps(record['results'])}")

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -28,9 +29,7 @@ import numpy as np
 import optax
 
 from bt_jax import config as config_lib
-from bt_jax import data
-from bt_jax import features
-from bt_jax import parallel
+from bt_jax import data, features, parallel
 from bt_jax import state as state_lib
 from bt_jax.data import photometric
 from bt_jax.evaluate.context import Context
@@ -62,8 +61,11 @@ def _cached_init(fields: str) -> dict:
 
 def random_init(config) -> dict:
     """The run's step-0 backbone: {"params", "batch_stats"}, numpy (cached per architecture)."""
-    fields = {"seed": config.seed, "model": config.model.to_dict(),
-              "data": {"image_size": config.data.image_size}}
+    fields = {
+        "seed": config.seed,
+        "model": config.model.to_dict(),
+        "data": {"image_size": config.data.image_size},
+    }
     return _cached_init(json.dumps(fields, sort_keys=True))
 
 
@@ -78,12 +80,15 @@ def fan_in_init(config) -> dict:
             flat[path] = np.asarray(initializer(jax.random.fold_in(key, i), value.shape))
         elif path[-1] == "scale":
             flat[path] = np.ones_like(value)
-    return {"params": flax.traverse_util.unflatten_dict(flat),
-            "batch_stats": variables["batch_stats"]}
+    return {
+        "params": flax.traverse_util.unflatten_dict(flat),
+        "batch_stats": variables["batch_stats"],
+    }
 
 
-def recompute_batch_stats(context: Context, variables: Any,
-                          num_batches: int = RECOMPUTE_BATCHES) -> dict:
+def recompute_batch_stats(
+    context: Context, variables: Any, num_batches: int = RECOMPUTE_BATCHES
+) -> dict:
     """``variables`` with every BatchNorm's running statistics replaced by their average over
     ``num_batches`` full training batches (evaluation transform; a training-mode pass over the
     global batch, no gradient). PyTorch's cumulative average (momentum=None), exactly: each pass
@@ -93,9 +98,12 @@ def recompute_batch_stats(context: Context, variables: Any,
 
     @functools.partial(jax.jit, out_shardings=replicated)
     def batch_statistics(params, zeros, images):
-        _, updates = context.module.apply({"params": params, "batch_stats": zeros},
-                                          photometric.normalize(images), train=True,
-                                          mutable=["batch_stats"])
+        _, updates = context.module.apply(
+            {"params": params, "batch_stats": zeros},
+            photometric.normalize(images),
+            train=True,
+            mutable=["batch_stats"],
+        )
         # Flax: running = momentum * running + (1 - momentum) * batch, momentum 0.9, from 0.
         return jax.tree.map(lambda x: x / 0.1, updates["batch_stats"])
 
@@ -104,12 +112,17 @@ def recompute_batch_stats(context: Context, variables: Any,
     batch_size = features.eval_batch_size(mesh.size)
     full_batches = min(num_batches, context.source.num_examples("train") // batch_size)
     total = None
-    for count, local in enumerate(data.eval_batches(context.source, split="train",
-                                   batch_size=batch_size,
-                                   image_size=context.config.data.image_size,
-                                   resize_size=context.config.data.eval_resize,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count())):
+    for count, local in enumerate(
+        data.eval_batches(
+            context.source,
+            split="train",
+            batch_size=batch_size,
+            image_size=context.config.data.image_size,
+            resize_size=context.config.data.eval_resize,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+    ):
         # Full batches only (a padded one would bias the statistics), decided from the sizes so
         # that every process runs the same collectives.
         if count == full_batches:
@@ -119,8 +132,10 @@ def recompute_batch_stats(context: Context, variables: Any,
         total = stats if total is None else jax.tree.map(np.add, total, stats)
     if total is None:
         return variables
-    return {"params": variables["params"],
-            "batch_stats": jax.tree.map(lambda x: (x / full_batches).astype(np.float32), total)}
+    return {
+        "params": variables["params"],
+        "batch_stats": jax.tree.map(lambda x: (x / full_batches).astype(np.float32), total),
+    }
 
 
 def baseline_variables(context: Context) -> dict[str, Callable[[], Any]]:
@@ -139,9 +154,13 @@ def pixels(context: Context, split: str) -> tuple[np.ndarray, np.ndarray]:
     Every process reads the whole split itself: pixels need no device.
     """
     rows, labels = [], []
-    for batch in data.eval_batches(context.source, split=split, batch_size=256,
-                                   image_size=context.config.data.image_size,
-                                   resize_size=context.config.data.eval_resize):
+    for batch in data.eval_batches(
+        context.source,
+        split=split,
+        batch_size=256,
+        image_size=context.config.data.image_size,
+        resize_size=context.config.data.eval_resize,
+    ):
         keep = batch["mask"]
         images = np.asarray(photometric.normalize(jnp.asarray(batch["image"][keep])))
         rows.append(images.reshape(len(images), -1))
@@ -152,8 +171,12 @@ def pixels(context: Context, split: str) -> tuple[np.ndarray, np.ndarray]:
 def raw_pixels_logreg(context: Context) -> dict:
     """The logreg protocol on raw pixels (or a note saying why it was skipped)."""
     config = context.config
-    size = context.source.num_examples("train") * config.data.image_size ** 2 * 3 * 4
+    size = context.source.num_examples("train") * config.data.image_size**2 * 3 * 4
     if size > RAW_PIXELS_MAX_BYTES:
         return {"skipped": f"the train pixels would take {size / 2**30:.1f} GiB"}
-    return logreg_protocol(*pixels(context, "train"), *pixels(context, "test"),
-                           num_classes=context.num_classes, seed=config.seed)
+    return logreg_protocol(
+        *pixels(context, "train"),
+        *pixels(context, "test"),
+        num_classes=context.num_classes,
+        seed=config.seed,
+    )

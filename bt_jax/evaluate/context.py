@@ -8,17 +8,15 @@ one :class:`Backbone` on the context's labelled data and returns its results ({"
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 
-from bt_jax import data
-from bt_jax import errors
-from bt_jax import features
-from bt_jax import parallel
+from bt_jax import data, errors, features, parallel
 
 Protocol = Callable[["Context", "Backbone"], dict]
 PROTOCOLS: dict[str, Protocol] = {}
@@ -44,7 +42,8 @@ def register(name: str) -> Callable[[Protocol], Protocol]:
 def check_protocol(name: str) -> str:
     if name not in PROTOCOLS:
         raise EvaluationError(
-            f"Unknown protocol {name!r}. Known protocols: {', '.join(sorted(PROTOCOLS))}.")
+            f"Unknown protocol {name!r}. Known protocols: {', '.join(sorted(PROTOCOLS))}."
+        )
     return name
 
 
@@ -91,9 +90,14 @@ class Context:
         backbone, on every device of every process."""
         if split not in backbone.representations:
             backbone.representations[split] = features.representations(
-                self.module, self.placed(backbone), self.source, split=split,
+                self.module,
+                self.placed(backbone),
+                self.source,
+                split=split,
                 image_size=self.config.data.image_size,
-                resize_size=self.config.data.eval_resize, mesh=self.mesh)
+                resize_size=self.config.data.eval_resize,
+                mesh=self.mesh,
+            )
         return backbone.representations[split]
 
 
@@ -103,8 +107,9 @@ def labelled(features_or_pixels: np.ndarray, labels: np.ndarray) -> tuple[np.nda
     return features_or_pixels[keep], labels[keep]
 
 
-def topk_accuracy(scores: np.ndarray, labels: np.ndarray,
-                  ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+def topk_accuracy(
+    scores: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5)
+) -> dict[str, float]:
     """{"top1": ..., "top5": ...}: fraction of rows whose label is among the k highest scores.
 
     scores: [N, C]; labels: int [N]. k is clipped to C (top-5 of 3 classes is 1.0).
@@ -113,6 +118,6 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray,
     order = np.argsort(-scores, axis=1, kind="stable")
     results = {}
     for k in ks:
-        hit = np.any(order[:, :min(k, scores.shape[1])] == labels[:, None], axis=1)
+        hit = np.any(order[:, : min(k, scores.shape[1])] == labels[:, None], axis=1)
         results[f"top{k}"] = float(np.mean(hit)) if len(labels) else float("nan")
     return results

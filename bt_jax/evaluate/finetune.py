@@ -43,32 +43,42 @@ def fraction_name(fraction: float) -> str:
     return f"{fraction * 100:g}%"
 
 
-def finetune_optimizer(backbone_learning_rate: float, head_learning_rate: float, num_epochs: int,
-                       steps_per_epoch: int) -> optax.GradientTransformation:
+def finetune_optimizer(
+    backbone_learning_rate: float, head_learning_rate: float, num_epochs: int, steps_per_epoch: int
+) -> optax.GradientTransformation:
     boundaries = {int(round(f * num_epochs)) * steps_per_epoch: 0.2 for f in (0.6, 0.8)}
 
     def sgd(learning_rate):
-        return optax.sgd(optax.piecewise_constant_schedule(learning_rate, boundaries),
-                         momentum=0.9)
+        return optax.sgd(optax.piecewise_constant_schedule(learning_rate, boundaries), momentum=0.9)
 
     return optax.multi_transform(
         {"backbone": sgd(backbone_learning_rate), "head": sgd(head_learning_rate)},
-        {"backbone": "backbone", "head": "head"})
+        {"backbone": "backbone", "head": "head"},
+    )
 
 
 @functools.lru_cache(maxsize=16)
-def _trainer(module, head, backbone_learning_rate: float, head_learning_rate: float,
-             num_epochs: int, steps_per_epoch: int, mesh):
+def _trainer(
+    module,
+    head,
+    backbone_learning_rate: float,
+    head_learning_rate: float,
+    num_epochs: int,
+    steps_per_epoch: int,
+    mesh,
+):
     """(tx, jitted step); cached so the pretrained and baseline runs share one compilation."""
-    tx = finetune_optimizer(backbone_learning_rate, head_learning_rate, num_epochs,
-                            steps_per_epoch)
+    tx = finetune_optimizer(backbone_learning_rate, head_learning_rate, num_epochs, steps_per_epoch)
     replicated = parallel.replicated(mesh)
 
     def step(params, batch_stats, opt_state, batch):
         def loss_fn(params):
             representation, updates = module.apply(
                 {"params": params["backbone"], "batch_stats": batch_stats},
-                photometric.normalize(batch["image"]), train=True, mutable=["batch_stats"])
+                photometric.normalize(batch["image"]),
+                train=True,
+                mutable=["batch_stats"],
+            )
             logits = head.apply({"params": params["head"]}, representation.astype(np.float32))
             return classifier.cross_entropy(logits, batch["label"]), updates["batch_stats"]
 
@@ -82,28 +92,42 @@ def _trainer(module, head, backbone_learning_rate: float, head_learning_rate: fl
 def finetune_subset(context: Context, backbone: Backbone, indices: np.ndarray) -> dict:
     """Fine-tunes backbone + a new head on the train examples ``indices``; test accuracy."""
     settings = context.config.eval
-    batch_size = classifier.batch_size_for(settings.finetune_batch_size, len(indices),
-                                           context.mesh.size)
+    batch_size = classifier.batch_size_for(
+        settings.finetune_batch_size, len(indices), context.mesh.size
+    )
     steps_per_epoch = len(indices) // batch_size
     head = classifier.linear_head(context.num_classes)
-    tx, step = _trainer(context.module, head, float(settings.finetune_backbone_learning_rate),
-                        float(settings.finetune_head_learning_rate), int(settings.finetune_epochs),
-                        steps_per_epoch, context.mesh)
-    params = parallel.replicate({"backbone": backbone.variables["params"], "head":
-                                 classifier.init_head(head, context.module.num_features,
-                                                      context.config.seed)}, context.mesh)
+    tx, step = _trainer(
+        context.module,
+        head,
+        float(settings.finetune_backbone_learning_rate),
+        float(settings.finetune_head_learning_rate),
+        int(settings.finetune_epochs),
+        steps_per_epoch,
+        context.mesh,
+    )
+    params = parallel.replicate(
+        {
+            "backbone": backbone.variables["params"],
+            "head": classifier.init_head(head, context.module.num_features, context.config.seed),
+        },
+        context.mesh,
+    )
     batch_stats = parallel.replicate(backbone.variables["batch_stats"], context.mesh)
     opt_state = tx.init(params)
     loss = None
-    for batch in classifier.training_batches(context, indices, batch_size=batch_size,
-                                             num_epochs=settings.finetune_epochs):
+    for batch in classifier.training_batches(
+        context, indices, batch_size=batch_size, num_epochs=settings.finetune_epochs
+    ):
         params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, batch)
     if loss is not None:
-        logging.info("finetune on %d examples: last loss %.4f", len(indices),
-                     float(parallel.to_host(loss)))
+        logging.info(
+            "finetune on %d examples: last loss %.4f", len(indices), float(parallel.to_host(loss))
+        )
     params, batch_stats = parallel.to_host((params, batch_stats))
-    tuned = Backbone(f"{backbone.name} fine-tuned", {"params": params["backbone"],
-                                                     "batch_stats": batch_stats})
+    tuned = Backbone(
+        f"{backbone.name} fine-tuned", {"params": params["backbone"], "batch_stats": batch_stats}
+    )
     return classifier.test_accuracy(context, head, tuned, params["head"])
 
 

@@ -24,8 +24,9 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "k", "chunk_size"))
-def _scores(train_features, train_labels, test_features, temperature, *, num_classes, k,
-            chunk_size):
+def _scores(
+    train_features, train_labels, test_features, temperature, *, num_classes, k, chunk_size
+):
     train_features = _l2_normalize(train_features)
     test_features = _l2_normalize(test_features)
 
@@ -40,9 +41,17 @@ def _scores(train_features, train_labels, test_features, temperature, *, num_cla
     return jax.lax.map(chunk_scores, chunks).reshape(-1, num_classes)
 
 
-def knn_scores(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
-               *, num_classes: int, k: int, temperature: float, chunk_size: int = CHUNK_SIZE,
-               mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+def knn_scores(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    *,
+    num_classes: int,
+    k: int,
+    temperature: float,
+    chunk_size: int = CHUNK_SIZE,
+    mesh: jax.sharding.Mesh | None = None,
+) -> np.ndarray:
     """Weighted kNN class scores: float32 [M, num_classes].
 
     train_features [N, F], train_labels int [N] in [0, num_classes), test_features [M, F]. k is
@@ -56,30 +65,56 @@ def knn_scores(train_features: np.ndarray, train_labels: np.ndarray, test_featur
     padded_size = -(-num_test // (chunk_size * shards)) * chunk_size * shards
     padded = np.zeros((padded_size, test_features.shape[1]), np.float32)
     padded[:num_test] = test_features
-    arguments = (np.asarray(train_features, np.float32), np.asarray(train_labels, np.int32),
-                 padded, jnp.float32(temperature))
+    arguments = (
+        np.asarray(train_features, np.float32),
+        np.asarray(train_labels, np.int32),
+        padded,
+        jnp.float32(temperature),
+    )
     if mesh is not None:
-        arguments = (*parallel.replicate(arguments[:2], mesh), parallel.split_rows(padded, mesh),
-                     arguments[3])
+        arguments = (
+            *parallel.replicate(arguments[:2], mesh),
+            parallel.split_rows(padded, mesh),
+            arguments[3],
+        )
     scores = _scores(*arguments, num_classes=int(num_classes), k=k, chunk_size=chunk_size)
     return np.asarray(parallel.gather_to_host(scores) if mesh is not None else scores)[:num_test]
 
 
-def knn_protocol(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
-                 test_labels: np.ndarray, *, num_classes: int, k: int, temperature: float,
-                 mesh: jax.sharding.Mesh | None = None) -> dict:
+def knn_protocol(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    *,
+    num_classes: int,
+    k: int,
+    temperature: float,
+    mesh: jax.sharding.Mesh | None = None,
+) -> dict:
     """{"top1", "top5", "k"}: weighted kNN accuracy on the test set (labels -1 left out)."""
     train_features, train_labels = labelled(train_features, train_labels)
     test_features, test_labels = labelled(test_features, test_labels)
-    scores = knn_scores(train_features, train_labels, test_features, num_classes=num_classes,
-                        k=k, temperature=temperature, mesh=mesh)
+    scores = knn_scores(
+        train_features,
+        train_labels,
+        test_features,
+        num_classes=num_classes,
+        k=k,
+        temperature=temperature,
+        mesh=mesh,
+    )
     return {**topk_accuracy(scores, test_labels), "k": min(int(k), len(train_features))}
 
 
 @register("knn")
 def knn(context: Context, backbone: Backbone) -> dict:
     settings = context.config.eval
-    return knn_protocol(*context.representations(backbone, "train"),
-                        *context.representations(backbone, "test"),
-                        num_classes=context.num_classes, k=settings.knn_k,
-                        temperature=settings.knn_temperature, mesh=context.mesh)
+    return knn_protocol(
+        *context.representations(backbone, "train"),
+        *context.representations(backbone, "test"),
+        num_classes=context.num_classes,
+        k=settings.knn_k,
+        temperature=settings.knn_temperature,
+        mesh=context.mesh,
+    )

@@ -10,7 +10,7 @@ same gathered features (deterministic), which costs seconds next to the extracti
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -43,16 +43,24 @@ def _choose_c(x: np.ndarray, y: np.ndarray, c_grid: Sequence[float], seed: int) 
         return float(c_grid[0])
     try:
         x_fit, x_val, y_fit, y_val = train_test_split(
-            x, y, test_size=VALIDATION_FRACTION, stratify=y, random_state=seed)
+            x, y, test_size=VALIDATION_FRACTION, stratify=y, random_state=seed
+        )
     except ValueError:  # a class with a single example cannot be stratified
         return 1.0
     scores = [_fit(x_fit, y_fit, c).score(x_val, y_val) for c in c_grid]
     return float(c_grid[int(np.argmax(scores))])
 
 
-def logreg_protocol(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
-                    test_y: np.ndarray, *, num_classes: int | None = None,
-                    c_grid: Sequence[float] = C_GRID, seed: int = 0) -> dict:
+def logreg_protocol(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    *,
+    num_classes: int | None = None,
+    c_grid: Sequence[float] = C_GRID,
+    seed: int = 0,
+) -> dict:
     """{"top1", "top5", "C"}: multinomial logistic regression on standardised features.
 
     train_x [N, F], test_x [M, F] (representations or pixels); labels int (-1 left out).
@@ -73,6 +81,9 @@ def logreg_protocol(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray
 
 @register("logreg")
 def logreg(context: Context, backbone: Backbone) -> dict:
-    return logreg_protocol(*context.representations(backbone, "train"),
-                           *context.representations(backbone, "test"),
-                           num_classes=context.num_classes, seed=context.config.seed)
+    return logreg_protocol(
+        *context.representations(backbone, "train"),
+        *context.representations(backbone, "test"),
+        num_classes=context.num_classes,
+        seed=context.config.seed,
+    )

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax
 import jax
 from etils import epath
 
-from bt_jax import files
-from bt_jax import metric_logging
+from bt_jax import files, metric_logging
 
-NAMES = {"logreg": "linear probe (logreg)", "knn": "kNN", "linear": "linear",
-         "finetune": "fine-tune"}
+NAMES = {
+    "logreg": "linear probe (logreg)",
+    "knn": "kNN",
+    "linear": "linear",
+    "finetune": "fine-tune",
+}
 
 
 def summary_line(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """"linear probe (logreg) top-1 91.2% (random init 62.0%, ...) | kNN top-1 ..." from
+    """ "linear probe (logreg) top-1 91.2% (random init 62.0%, ...) | kNN top-1 ..." from
     {protocol: {"pretrained": {...}, "random_init": {...}, ...}}."""
     parts = []
     for protocol, settings in results.items():
@@ -24,9 +28,11 @@ def summary_line(results: Mapping[str, Mapping[str, Any]]) -> str:
         if "top1" not in pretrained:
             continue
         text = f"{NAMES.get(protocol, protocol)} top-1 {pretrained['top1']:.1%}"
-        others = [f"{name.replace('_', ' ')} {value['top1']:.1%}"
-                  for name, value in settings.items()
-                  if name != "pretrained" and isinstance(value, Mapping) and "top1" in value]
+        others = [
+            f"{name.replace('_', ' ')} {value['top1']:.1%}"
+            for name, value in settings.items()
+            if name != "pretrained" and isinstance(value, Mapping) and "top1" in value
+        ]
         parts.append(text + (f" ({', '.join(others)})" if others else ""))
     return " | ".join(parts)
 
@@ -47,8 +53,13 @@ def results_path(workdir: epath.PathLike, protocol: str) -> epath.Path:
     return epath.Path(workdir) / f"eval_{protocol}.json"
 
 
-def write(workdir: epath.PathLike, name: str, record: dict, step: int | None,
-          tensorboard: Mapping[str, float]) -> None:
+def write(
+    workdir: epath.PathLike,
+    name: str,
+    record: dict,
+    step: int | None,
+    tensorboard: Mapping[str, float],
+) -> None:
     """``WORKDIR/eval_<name>.json`` and the scalars in TensorBoard (process 0 only)."""
     if jax.process_index() != 0:
         return

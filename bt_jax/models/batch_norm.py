@@ -8,6 +8,7 @@ faster on the CPU; ``views=2`` keeps the official semantics: the batch [views * 
 split into its views, each normalised over its own n rows (and, with ``axis_name``, over those of
 every device: SyncBatchNorm), and the running averages take one update per view, in order.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -50,22 +51,32 @@ class BatchNorm(nn.Module):
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
         if self.use_running_average:
-            return _normalize(x, running_mean.value, running_var.value, scale, bias,
-                              self.epsilon, self.dtype)
+            return _normalize(
+                x, running_mean.value, running_var.value, scale, bias, self.epsilon, self.dtype
+            )
         if x.shape[0] % views:
             raise ValueError(f"A batch of {x.shape[0]} rows does not split into {views} views.")
         grouped = x.reshape((views, x.shape[0] // views) + x.shape[1:])
         mean, var = _statistics(grouped, None if self.is_initializing() else self.axis_name)
         if not self.is_initializing():
             for view in range(views):  # view after view, as sequential calls update them
-                running_mean.value = (self.momentum * running_mean.value
-                                      + (1 - self.momentum) * mean[view])
-                running_var.value = (self.momentum * running_var.value
-                                     + (1 - self.momentum) * var[view])
+                running_mean.value = (
+                    self.momentum * running_mean.value + (1 - self.momentum) * mean[view]
+                )
+                running_var.value = (
+                    self.momentum * running_var.value + (1 - self.momentum) * var[view]
+                )
         # [views, C] -> [views, 1, ..., 1, C] against the grouped batch.
         expand = (views,) + (1,) * (grouped.ndim - 2) + (features,)
-        y = _normalize(grouped, mean.reshape(expand), var.reshape(expand), scale, bias,
-                       self.epsilon, self.dtype)
+        y = _normalize(
+            grouped,
+            mean.reshape(expand),
+            var.reshape(expand),
+            scale,
+            bias,
+            self.epsilon,
+            self.dtype,
+        )
         return y.reshape(x.shape)
 
 
@@ -83,8 +94,15 @@ def _statistics(grouped: jax.Array, axis_name: str | None) -> tuple[jax.Array, j
     return mean, jnp.maximum(0.0, mean_square - jnp.square(mean))
 
 
-def _normalize(x: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array,
-               bias: jax.Array, epsilon: float, dtype: Any) -> jax.Array:
+def _normalize(
+    x: jax.Array,
+    mean: jax.Array,
+    var: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    epsilon: float,
+    dtype: Any,
+) -> jax.Array:
     """(x - mean) * scale / sqrt(var + eps) + bias, in float32 (at least), returned in dtype."""
     multiplier = lax.rsqrt(var + epsilon) * scale
     return ((x - mean) * multiplier + bias).astype(dtype)

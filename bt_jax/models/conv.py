@@ -17,6 +17,7 @@ accelerators (``lax.platform_dependent``: decided per compiled platform, not per
 on the CPU only for feature maps of at least ``MIN_TAP_MATMUL_POSITIONS`` output positions per
 image, where it measured faster.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,8 +45,9 @@ def check_form(form: str) -> str:
 
 def xla_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax.Array:
     """x: [B, H, W, C], kernel: [kh, kw, C, O] -> [B, Ho, Wo, O] (NHWC, HWIO)."""
-    return lax.conv_general_dilated(x, kernel, (stride, stride), padding,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return lax.conv_general_dilated(
+        x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -68,8 +70,9 @@ def _tap_matmul_bwd(stride, padding, residuals, g):
 tap_matmul_conv.defvjp(_tap_matmul_fwd, _tap_matmul_bwd)
 
 
-def kernel_grad_by_taps(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], stride: int,
-                        padding: Padding) -> jax.Array:
+def kernel_grad_by_taps(
+    x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], stride: int, padding: Padding
+) -> jax.Array:
     """The kernel gradient of ``xla_conv``, one batched matrix product per tap.
 
     x: [B, H, W, C] the conv's input, g: [B, Ho, Wo, O] the gradient of its output
@@ -92,11 +95,13 @@ def kernel_grad_by_taps(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
         # the size of x) before the first product.
         # Every start index of offset's dtype: a Python 0 is int64 when x64 is enabled.
         zero = jnp.zeros((), offset.dtype)
-        window = lax.dynamic_slice(x_pad, (zero, offset[0], offset[1], zero),
-                                   (batch, span[0], span[1], channels))
+        window = lax.dynamic_slice(
+            x_pad, (zero, offset[0], offset[1], zero), (batch, span[0], span[1], channels)
+        )
         window = window[:, ::stride, ::stride, :].reshape(chunks, rows, channels)
-        product = lax.dot_general(g_t, window, (((2,), (1,)), ((0,), (0,))),
-                                  preferred_element_type=accumulator)  # [chunks, O, C]
+        product = lax.dot_general(
+            g_t, window, (((2,), (1,)), ((0,), (0,))), preferred_element_type=accumulator
+        )  # [chunks, O, C]
         return None, jnp.sum(product, axis=0)
 
     offsets = jnp.array([(i, j) for i in range(kh) for j in range(kw)], jnp.int32)
@@ -111,8 +116,9 @@ def _images_per_chunk(batch: int, positions: int) -> int:
     return max(d for d in range(1, min(batch, limit) + 1) if batch % d == 0)
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding,
-           form: str = "auto") -> jax.Array:
+def conv2d(
+    x: jax.Array, kernel: jax.Array, stride: int, padding: Padding, form: str = "auto"
+) -> jax.Array:
     """The convolution in the given form (all give the same values and gradients).
 
     x: [B, H, W, C], kernel: [kh, kw, C, O] -> [B, Ho, Wo, O].
@@ -123,12 +129,16 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding,
     if form == "tap_matmul":
         return tap_matmul_conv(x, kernel, stride, padding)
     out_positions = ((x.shape[1] + sum(padding[0]) - kernel.shape[0]) // stride + 1) * (
-        (x.shape[2] + sum(padding[1]) - kernel.shape[1]) // stride + 1)
+        (x.shape[2] + sum(padding[1]) - kernel.shape[1]) // stride + 1
+    )
     if out_positions < MIN_TAP_MATMUL_POSITIONS:
         return xla_conv(x, kernel, stride, padding)
     return lax.platform_dependent(
-        x, kernel, cpu=lambda x_, k_: tap_matmul_conv(x_, k_, stride, padding),
-        default=lambda x_, k_: xla_conv(x_, k_, stride, padding))
+        x,
+        kernel,
+        cpu=lambda x_, k_: tap_matmul_conv(x_, k_, stride, padding),
+        default=lambda x_, k_: xla_conv(x_, k_, stride, padding),
+    )
 
 
 def _same_varying_axes(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -168,8 +178,11 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", self.kernel_init,
-                            (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
+        kernel = self.param(
+            "kernel",
+            self.kernel_init,
+            (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
+        )
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         pad = (self.padding, self.padding)
         return conv2d(x, kernel, self.stride, (pad, pad), self.form)

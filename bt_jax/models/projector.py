@@ -4,20 +4,23 @@ Official (facebookresearch/barlowtwins main.py): for a spec "8192-8192-8192" and
 Linear(2048, 8192, bias=False) -> BN -> ReLU -> Linear(8192, 8192, bias=False) -> BN -> ReLU ->
 Linear(8192, 8192, bias=False). The input size is inferred from the representation.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
-import jax.numpy as jnp
 import flax.linen as nn
+import jax.numpy as jnp
 
 from bt_jax.models.resnet import TorchLinear, batch_norm, canonical_dtype
 
 
 def parse_spec(spec: str) -> tuple[int, ...]:
-    """"8192-8192-8192" -> (8192, 8192, 8192); a ValueError naming the bad value otherwise."""
+    """ "8192-8192-8192" -> (8192, 8192, 8192); a ValueError naming the bad value otherwise."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"Projector spec must be a non-empty string like '8192-8192-8192', got {spec!r}.")
+        raise ValueError(
+            f"Projector spec must be a non-empty string like '8192-8192-8192', got {spec!r}."
+        )
     sizes = []
     for part in spec.strip().split("-"):
         if not part.strip().isdigit() or int(part) <= 0:
@@ -90,8 +93,9 @@ class BarlowTwinsModel(nn.Module):
     backbone: nn.Module
     projector: nn.Module
 
-    def __call__(self, images: jnp.ndarray, train: bool = True,
-                 views: int = 1) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def __call__(
+        self, images: jnp.ndarray, train: bool = True, views: int = 1
+    ) -> tuple[jnp.ndarray, jnp.ndarray]:
         """images: [B, H, W, 3] (``views`` views of B / views images, stacked) ->
         (representation [B, F] float32, embedding [B, D] float32)."""
         representation = self.backbone(images, train=train, views=views)

@@ -20,20 +20,22 @@ values per channel the difference is negligible. Calling a model with `views=2` 
 stacked along the batch axis normalises each view with its own statistics, as two calls would
 (`bt_jax.models.batch_norm`).
 
-Convolutions run in the form `conv` picks (`bt_jax.models.conv`): "auto" (default) computes
-kernel gradients by per-tap matrix products on the CPU, where XLA's own are slow, and uses XLA's
-convolution on accelerators; every form has the same parameters and values.
+Convolutions run in the form `conv` picks (`bt_jax.models.conv`): "xla" (default) everywhere;
+"auto" computes kernel gradients by per-tap matrix products on the CPU, where XLA's own are
+slow at standard widths, and uses XLA's convolution on accelerators; every form has the same
+parameters and values.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
-
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from bt_jax.models import conv as conv_lib
 from bt_jax.models.batch_norm import BatchNorm
@@ -42,7 +44,7 @@ STEMS = ("imagenet", "cifar")
 
 
 def canonical_dtype(dtype: Any) -> jnp.dtype:
-    """A jnp dtype from a dtype or its name ("float32", "bfloat16", ...), with an actionable error."""
+    """A jnp dtype from a dtype or its name ("float32", "bfloat16", ...); an actionable error."""
     try:
         return jnp.dtype(dtype)
     except TypeError as e:
@@ -50,7 +52,7 @@ def canonical_dtype(dtype: Any) -> jnp.dtype:
 
 
 class TorchLinear(nn.Module):
-    """`torch.nn.Linear` with its default init: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    """`torch.nn.Linear` with its default init: weight, bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 
     (PyTorch's kaiming_uniform_(a=sqrt(5)) reduces to that bound.) Parameters `kernel` [in, out]
     (the transpose of torch's `weight`) and `bias` [out]. x: [..., in] -> [..., out] in `dtype`.
@@ -74,6 +76,7 @@ class TorchLinear(nn.Module):
             y = y + self.param("bias", uniform, (self.features,)).astype(self.dtype)
         return y
 
+
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"); untruncated normal.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -85,7 +88,7 @@ def batch_norm(
     name: str,
     zero_scale: bool = False,
 ) -> BatchNorm:
-    """A PyTorch-equivalent BatchNorm; with `axis_name`, statistics over the whole named axis (SyncBN)."""
+    """A PyTorch-equivalent BatchNorm; with `axis_name`, statistics over the named axis (SyncBN)."""
     return BatchNorm(
         use_running_average=not train,
         momentum=0.9,  # = PyTorch momentum 0.1: running = 0.9 * running + 0.1 * batch
@@ -97,15 +100,24 @@ def batch_norm(
     )
 
 
-def conv(features: int, kernel: int, stride: int, dtype: Any, name: str,
-         form: str = "auto") -> conv_lib.Conv:
+def conv(
+    features: int, kernel: int, stride: int, dtype: Any, name: str, form: str = "xla"
+) -> conv_lib.Conv:
     """A bias-free conv with torchvision's padding (kernel // 2, explicit, symmetric) and init.
 
     Explicit symmetric padding: "SAME" pads asymmetrically for stride 2 and would differ from
     PyTorch.
     """
-    return conv_lib.Conv(features, kernel, stride=stride, padding=kernel // 2, dtype=dtype,
-                         kernel_init=conv_kernel_init, form=form, name=name)
+    return conv_lib.Conv(
+        features,
+        kernel,
+        stride=stride,
+        padding=kernel // 2,
+        dtype=dtype,
+        kernel_init=conv_kernel_init,
+        form=form,
+        name=name,
+    )
 
 
 class BasicBlock(nn.Module):
@@ -119,7 +131,7 @@ class BasicBlock(nn.Module):
     zero_init_residual: bool = False
     dtype: Any = jnp.float32
     axis_name: str | None = None
-    conv: str = "auto"
+    conv: str = "xla"
 
     expansion = 1
 
@@ -134,7 +146,8 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """torchvision Bottleneck (v1.5): 1x1 -> BN -> ReLU -> 3x3 (stride) -> BN -> ReLU -> 1x1 -> BN, + shortcut, ReLU.
+    """torchvision Bottleneck (v1.5): 1x1 -> BN -> ReLU -> 3x3 (stride) -> BN -> ReLU -> 1x1 -> BN,
+    + shortcut, ReLU.
 
     x: [B, H, W, C] -> [B, H / strides, W / strides, 4 * planes].
     """
@@ -144,7 +157,7 @@ class Bottleneck(nn.Module):
     zero_init_residual: bool = False
     dtype: Any = jnp.float32
     axis_name: str | None = None
-    conv: str = "auto"
+    conv: str = "xla"
 
     expansion = 4
 
@@ -160,8 +173,9 @@ class Bottleneck(nn.Module):
         return nn.relu(out + shortcut(self, x, train, views))
 
 
-def shortcut(block: BasicBlock | Bottleneck, x: jnp.ndarray, train: bool,
-             views: int = 1) -> jnp.ndarray:
+def shortcut(
+    block: BasicBlock | Bottleneck, x: jnp.ndarray, train: bool, views: int = 1
+) -> jnp.ndarray:
     """Identity, or torchvision's `downsample` (1x1 conv with stride -> BN) when the shape changes.
 
     Called inside the block's compact `__call__`, so the submodules belong to the block.
@@ -183,7 +197,8 @@ class ResNet(nn.Module):
       width: channels of the stem and first stage; 64 is torchvision's ResNet. Stages use
         width * (1, 2, 4, 8) planes; smaller widths make quick CPU runs.
       zero_init_residual: start the last BN scale of every residual branch at 0 (each block
-        then starts as its shortcut). torchvision's default False; the official Barlow Twins run True.
+        then starts as its shortcut). torchvision's default False; the official Barlow Twins
+        run True.
       dtype: computation dtype (e.g. jnp.bfloat16 or "bfloat16"); parameters stay float32 and
         the output is float32.
       axis_name: mapped axis (pmap / shard_map) over which BatchNorm statistics are averaged in
@@ -201,13 +216,15 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     axis_name: str | None = None
     num_classes: int | None = None
-    conv: str = "auto"
+    conv: str = "xla"
 
     def __post_init__(self) -> None:
         if self.stem not in STEMS:
             raise ValueError(f"Unknown stem {self.stem!r}; expected one of {STEMS}.")
         if not isinstance(self.width, int) or self.width <= 0:
-            raise ValueError(f"width must be a positive int (64 is the standard ResNet), got {self.width!r}.")
+            raise ValueError(
+                f"width must be a positive int (64 is the standard ResNet), got {self.width!r}."
+            )
         conv_lib.check_form(self.conv)
         super().__post_init__()
 
@@ -218,7 +235,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = True, views: int = 1) -> jnp.ndarray:
-        """x: [B, H, W, 3] float (NHWC) -> [B, F] float32 representation, or [B, num_classes] logits.
+        """x: [B, H, W, 3] float (NHWC) -> [B, F] float32 representation or [B, num_classes] logits.
 
         (float64 out only when dtype is float64.)
 
@@ -280,14 +297,14 @@ class ResNet50(ResNet):
 
 
 class ResNet101(ResNet):
-    """torchvision resnet101 (v1.5): Bottleneck, (3, 4, 23, 3); 2048-d representation at width 64."""
+    """torchvision resnet101 (v1.5): Bottleneck, (3, 4, 23, 3); 2048-d features at width 64."""
 
     stage_sizes: Sequence[int] = (3, 4, 23, 3)
     block_cls: Callable[..., nn.Module] = Bottleneck
 
 
 class ResNet152(ResNet):
-    """torchvision resnet152 (v1.5): Bottleneck, (3, 8, 36, 3); 2048-d representation at width 64."""
+    """torchvision resnet152 (v1.5): Bottleneck, (3, 8, 36, 3); 2048-d features at width 64."""
 
     stage_sizes: Sequence[int] = (3, 8, 36, 3)
     block_cls: Callable[..., nn.Module] = Bottleneck

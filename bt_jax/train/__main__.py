@@ -15,16 +15,19 @@ from bt_jax import interrupts as interrupts_lib
 # stops at once, in one line.
 INTERRUPTS = interrupts_lib.Interrupts(distributed=False)
 
-import logging as std_logging  # noqa: E402
 import os  # noqa: E402
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
+from absl import (
+    app,  # noqa: E402
+    flags,  # noqa: E402
+    logging,  # noqa: E402
+)
 from ml_collections import config_flags  # noqa: E402
 
-from bt_jax import cli  # noqa: E402
-from bt_jax import files  # noqa: E402,F401 - configures the storage clients
+from bt_jax import (
+    cli,  # noqa: E402
+    files,  # noqa: E402,F401 - configures the storage clients
+)
 
 FLAGS = flags.FLAGS
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "config.py")
@@ -32,28 +35,33 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "confi
 
 def define_flags() -> None:
     config_flags.DEFINE_config_file(
-        "config", DEFAULT_CONFIG,
+        "config",
+        DEFAULT_CONFIG,
         "A config file with get_config() (experiments/configs/*.py); override keys with "
-        "--config.GROUP.KEY=VALUE (e.g. --config.model.width=32).", lock_config=True)
-    flags.DEFINE_string("workdir", "runs/default",
-                        "Where checkpoints and logs go: a local folder or gs://bucket/path.")
+        "--config.GROUP.KEY=VALUE (e.g. --config.model.width=32).",
+        lock_config=True,
+    )
+    flags.DEFINE_string(
+        "workdir",
+        "runs/default",
+        "Where checkpoints and logs go: a local folder or gs://bucket/path.",
+    )
     flags.DEFINE_bool(
-        "distributed", False, "Call jax.distributed.initialize() (one process per host); the "
-        "arguments come from the cluster environment or the flags below.")
+        "distributed",
+        False,
+        "Call jax.distributed.initialize() (one process per host); the "
+        "arguments come from the cluster environment or the flags below.",
+    )
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
     flags.DEFINE_integer("num_processes", None, "Number of processes.")
     flags.DEFINE_integer("process_id", None, "This process's index.")
     flags.DEFINE_integer(
-        "heartbeat_timeout_seconds", 60, "With --distributed: a process that dies or freezes "
-        "stops the others within about this long (JAX's default is 100).")
+        "heartbeat_timeout_seconds",
+        60,
+        "With --distributed: a process that dies or freezes "
+        "stops the others within about this long (JAX's default is 100).",
+    )
     flags.DEFINE_bool("verbose", False, "Show tracebacks (for bug reports).")
-
-
-class _OnlyOurInfo(std_logging.Filter):
-    """Libraries (orbax above all) log every save at INFO; keep their warnings, drop the rest."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "bt_jax" in record.pathname
 
 
 def initialize_distributed() -> None:
@@ -61,25 +69,33 @@ def initialize_distributed() -> None:
 
     # SIGTERM goes to JAX's preemption notifier, which initialize installs (bt_jax.interrupts).
     INTERRUPTS.hand_sigterm_to_jax()
-    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                    FLAGS.process_id, FLAGS.heartbeat_timeout_seconds)
+    parallel.initialize_distributed(
+        FLAGS.coordinator_address,
+        FLAGS.num_processes,
+        FLAGS.process_id,
+        FLAGS.heartbeat_timeout_seconds,
+    )
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         sys.stderr.write(f"error: unexpected arguments {argv[1:]}; flags are --name=value.\n")
         sys.exit(2)
-    logging.get_absl_handler().addFilter(_OnlyOurInfo())
+    logging.get_absl_handler().addFilter(cli.LibraryLogFilter(verbose=FLAGS.verbose))
 
     def run() -> int:
         if FLAGS.distributed or FLAGS.coordinator_address:
             initialize_distributed()
-        from bt_jax.train import loop  # JAX, Flax, TensorFlow: after the handlers are in place
-
         import jax
 
-        logging.info("JAX processes: %d, devices: %d (%d local).", jax.process_count(),
-                     jax.device_count(), jax.local_device_count())
+        from bt_jax.train import loop  # JAX, Flax, TensorFlow: after the handlers are in place
+
+        logging.info(
+            "JAX processes: %d, devices: %d (%d local).",
+            jax.process_count(),
+            jax.device_count(),
+            jax.local_device_count(),
+        )
         try:
             loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, INTERRUPTS)
         except loop.Stopped as stop:

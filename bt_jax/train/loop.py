@@ -16,7 +16,8 @@ import collections
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import ml_collections
@@ -24,21 +25,15 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from bt_jax import checkpoint
-from bt_jax import cli
+from bt_jax import checkpoint, cli, data, divergence, evaluate, files, parallel, probe
 from bt_jax import config as config_lib
-from bt_jax import data
-from bt_jax import divergence
-from bt_jax import evaluate
-from bt_jax import files
 from bt_jax import interrupts as interrupts_lib
-from bt_jax import parallel
-from bt_jax import probe
 from bt_jax import state as state_lib
 from bt_jax import step as step_lib
 from bt_jax import workdir as workdir_lib
 from bt_jax.data import photometric
 from bt_jax.metric_logging import MetricLogger
+
 
 class Stopped(Exception):
     """A signal stopped the run after saving a checkpoint; carries the exit status."""
@@ -50,9 +45,12 @@ class Stopped(Exception):
 
 def view_specs(data_config: ml_collections.ConfigDict) -> dict[str, data.ViewSpec]:
     """The two views' augmentations: the official recipe with the config's probabilities."""
-    return {view: dataclasses.replace(data.VIEWS[view], blur_prob=blur, solarize_prob=solarize)
-            for view, blur, solarize in zip(("a", "b"), data_config.blur_probabilities,
-                                            data_config.solarize_probabilities)}
+    return {
+        view: dataclasses.replace(data.VIEWS[view], blur_prob=blur, solarize_prob=solarize)
+        for view, blur, solarize in zip(
+            ("a", "b"), data_config.blur_probabilities, data_config.solarize_probabilities
+        )
+    }
 
 
 def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
@@ -93,7 +91,8 @@ def check(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> Run:
     if checkpoint.directory(workdir).exists() and not checkpoint.directory(workdir).is_dir():
         raise files.StorageError(
             f"{checkpoint.directory(workdir)} is a file; bt_jax keeps its checkpoints in that "
-            "folder. Move the file away or use another --workdir.")
+            "folder. Move the file away or use another --workdir."
+        )
     steps_per_epoch = data.steps_per_epoch(source, config.batch_size)
     total_steps = steps_per_epoch * config.num_epochs
     if config.max_steps > 0:
@@ -101,8 +100,11 @@ def check(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> Run:
     return Run(config, workdir, source, eval_source, steps_per_epoch, total_steps)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike,
-                       interrupts: interrupts_lib.Interrupts | None = None) -> Any:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: epath.PathLike,
+    interrupts: interrupts_lib.Interrupts | None = None,
+) -> Any:
     """Pretrains into ``workdir`` (resuming from its latest checkpoint), exports the model and
     runs the quick evaluation; returns the final replicated state.
 
@@ -142,21 +144,31 @@ def _train_holding_the_lease(run: Run, interrupts: interrupts_lib.Interrupts) ->
     mesh = parallel.device_mesh()
     model = state_lib.build_model(config)
     tx = state_lib.build_optimizer(config, run.steps_per_epoch)
-    num_classes = (run.eval_source.num_classes if run.eval_source and config.probe.enabled
-                   and run.source.num_classes else None)
-    state = jax.jit(functools.partial(state_lib.init_state, config, model, tx, num_classes),
-                    out_shardings=parallel.replicated(mesh))()
+    num_classes = (
+        run.eval_source.num_classes
+        if run.eval_source and config.probe.enabled and run.source.num_classes
+        else None
+    )
+    state = jax.jit(
+        functools.partial(state_lib.init_state, config, model, tx, num_classes),
+        out_shardings=parallel.replicated(mesh),
+    )()
 
     manager = checkpoint.open_manager(workdir, keep=config.checkpoint.keep)
     identity = config_lib.resume_identity(config)
 
     def unreadable(step: int, why: str) -> None:
-        logging.warning("The checkpoint of step %d cannot be restored (%s); trying the one "
-                        "before. It is moved to %s.", step, why,
-                        checkpoint.set_aside(workdir, step))
+        logging.warning(
+            "The checkpoint of step %d cannot be restored (%s); trying the one "
+            "before. It is moved to %s.",
+            step,
+            why,
+            checkpoint.set_aside(workdir, step),
+        )
 
-    state, restored_step = checkpoint.restore(manager, state, identity=identity,
-                                              on_unreadable=unreadable)
+    state, restored_step = checkpoint.restore(
+        manager, state, identity=identity, on_unreadable=unreadable
+    )
     manager.reload()
     start_step = 0 if restored_step is None else restored_step
     if restored_step is not None:
@@ -165,24 +177,40 @@ def _train_holding_the_lease(run: Run, interrupts: interrupts_lib.Interrupts) ->
     logger = None
     try:
         workdir_lib.record_start(workdir, config, start_step)
-        interrupts.exit_message = (f"the config of this start is in {workdir}; no step was "
-                                   "trained. Run the same command to start again")
-        logger = MetricLogger(workdir, total_steps=run.total_steps, initial_step=start_step,
-                              steps_per_epoch=run.steps_per_epoch,
-                              enabled=jax.process_index() == 0)
+        interrupts.exit_message = (
+            f"the config of this start is in {workdir}; no step was "
+            "trained. Run the same command to start again"
+        )
+        logger = MetricLogger(
+            workdir,
+            total_steps=run.total_steps,
+            initial_step=start_step,
+            steps_per_epoch=run.steps_per_epoch,
+            enabled=jax.process_index() == 0,
+        )
         if start_step < run.total_steps:
-            state = _loop(run, state, start_step, model, tx, mesh, manager, identity, logger,
-                          interrupts)
+            state = _loop(
+                run, state, start_step, model, tx, mesh, manager, identity, logger, interrupts
+            )
         _finish_saves(manager, run.total_steps)
         variables = state_lib.variables_of(state, part=None)
         checkpoint.export(workdir, config.model, parallel.to_host(variables))
-        interrupts.enter(interrupts_lib.EVALUATION,
-                         f"training is complete and saved (step {run.total_steps}); rerun the "
-                         f"evaluation with python -m bt_jax.evaluate --workdir={workdir} "
-                         "--protocol=logreg")
+        interrupts.enter(
+            interrupts_lib.EVALUATION,
+            f"training is complete and saved (step {run.total_steps}); rerun the "
+            f"evaluation with python -m bt_jax.evaluate --workdir={workdir} "
+            "--protocol=logreg",
+        )
         if config.eval.at_end and run.eval_source is not None:
-            evaluate.at_end(config, parallel.to_host(state_lib.variables_of(state)), run.eval_source,
-                            workdir, mesh, logger, run.total_steps)
+            evaluate.at_end(
+                config,
+                parallel.to_host(state_lib.variables_of(state)),
+                run.eval_source,
+                workdir,
+                mesh,
+                logger,
+                run.total_steps,
+            )
     finally:
         manager.close()
         if logger is not None:
@@ -190,26 +218,66 @@ def _train_holding_the_lease(run: Run, interrupts: interrupts_lib.Interrupts) ->
     return state
 
 
-def _loop(run: Run, state: Any, start_step: int, model, tx, mesh, manager, identity: dict,
-          logger: MetricLogger, interrupts: interrupts_lib.Interrupts) -> Any:
+def _loop(
+    run: Run,
+    state: Any,
+    start_step: int,
+    model,
+    tx,
+    mesh,
+    manager,
+    identity: dict,
+    logger: MetricLogger,
+    interrupts: interrupts_lib.Interrupts,
+) -> Any:
     """Steps ``start_step + 1 .. total_steps`` with their periodic actions; the final state."""
     config = run.config
-    finish_views = functools.partial(photometric.finish_views, seed=config.seed,
-                                     views=view_specs(config.data),
-                                     photometric=config.data.photometric)
-    step_fn = parallel.map_step(functools.partial(
-        step_lib.train_step, model=model, tx=tx, probe_tx=probe.optimizer(config.probe),
-        loss_options=dict(config.loss), finish_views=finish_views), mesh, config.parallelism)
-    correlation_fn = parallel.map_step(functools.partial(
-        step_lib.correlation_block, model=model, size=config.logging.correlation_image_dims,
-        finish_views=finish_views), mesh, config.parallelism, donate=False)
-    learning_rates = jax.jit(functools.partial(state_lib.learning_rates, config,
-                                               run.steps_per_epoch))
+    finish_views = functools.partial(
+        photometric.finish_views,
+        seed=config.seed,
+        views=view_specs(config.data),
+        photometric=config.data.photometric,
+    )
+    step_fn = parallel.map_step(
+        functools.partial(
+            step_lib.train_step,
+            model=model,
+            tx=tx,
+            probe_tx=probe.optimizer(config.probe),
+            loss_options=dict(config.loss),
+            finish_views=finish_views,
+        ),
+        mesh,
+        config.parallelism,
+    )
+    correlation_fn = parallel.map_step(
+        functools.partial(
+            step_lib.correlation_block,
+            model=model,
+            size=config.logging.correlation_image_dims,
+            finish_views=finish_views,
+        ),
+        mesh,
+        config.parallelism,
+        donate=False,
+    )
+    learning_rates = jax.jit(
+        functools.partial(state_lib.learning_rates, config, run.steps_per_epoch)
+    )
     embedding_dim = int(config.model.projector.split("-")[-1])
-    batches = prefetch(parallel.global_batch(local, mesh) for local in data.pretrain_batches(
-        run.source, global_batch=config.batch_size, image_size=config.data.image_size,
-        seed=config.seed, start_step=start_step, min_crop_scale=config.data.min_crop_scale,
-        views=view_specs(config.data), photometric=config.data.photometric))
+    batches = prefetch(
+        parallel.global_batch(local, mesh)
+        for local in data.pretrain_batches(
+            run.source,
+            global_batch=config.batch_size,
+            image_size=config.data.image_size,
+            seed=config.seed,
+            start_step=start_step,
+            min_crop_scale=config.data.min_crop_scale,
+            views=view_specs(config.data),
+            photometric=config.data.photometric,
+        )
+    )
     base_key = jax.random.key(config.seed)
     pending: list[tuple[int, dict]] = []  # metrics still on the devices, fetched at log time
     timer = {"data": 0.0, "start": time.perf_counter(), "steps": 0}
@@ -226,21 +294,29 @@ def _loop(run: Run, state: Any, start_step: int, model, tx, mesh, manager, ident
             divergence.check_metrics(s, metrics, embedding_dim, lambda: _last_good(manager))
         means = {key: float(np.mean([m[key] for _, m in fetched])) for key in fetched[-1][1]}
         elapsed = time.perf_counter() - timer["start"]
-        logger.scalars(step, {
-            **means,
-            **{key: float(value) for key, value in learning_rates(step - 1).items()},
-            "images_per_second": timer["steps"] * config.batch_size / max(elapsed, 1e-9),
-            "data_wait_seconds": timer["data"],
-        })
+        logger.scalars(
+            step,
+            {
+                **means,
+                **{key: float(value) for key, value in learning_rates(step - 1).items()},
+                "images_per_second": timer["steps"] * config.batch_size / max(elapsed, 1e-9),
+                "data_wait_seconds": timer["data"],
+            },
+        )
         timer.update(data=0.0, start=time.perf_counter(), steps=0)
 
     def epoch_end(step: int) -> None:
         _, block = correlation_fn(current["state"], current["batch"], base_key)
         logger.correlation_image(step, parallel.to_host(block))
         if current["state"].probe_params:
-            accuracy = probe.test_accuracy(model.backbone, current["state"], run.eval_source,
-                                           image_size=config.data.image_size,
-                                           resize_size=config.data.eval_resize, mesh=mesh)
+            accuracy = probe.test_accuracy(
+                model.backbone,
+                current["state"],
+                run.eval_source,
+                image_size=config.data.image_size,
+                resize_size=config.data.eval_resize,
+                mesh=mesh,
+            )
             logger.scalars(step, {"probe_test_accuracy": accuracy})
 
     def save(step: int) -> None:
@@ -261,8 +337,12 @@ def _loop(run: Run, state: Any, start_step: int, model, tx, mesh, manager, ident
     ]
     interrupts.enter(interrupts_lib.TRAINING)
     if interrupts.seed(start_step):
-        logging.warning("Stopped by a signal before step %d; the checkpoint of step %d is the "
-                        "latest. Run the same command to resume.", start_step + 1, start_step)
+        logging.warning(
+            "Stopped by a signal before step %d; the checkpoint of step %d is the "
+            "latest. Run the same command to resume.",
+            start_step + 1,
+            start_step,
+        )
         raise Stopped(interrupts.exit_status)
     for step in range(start_step + 1, run.total_steps + 1):
         wait_start = time.perf_counter()
@@ -279,8 +359,11 @@ def _loop(run: Run, state: Any, start_step: int, model, tx, mesh, manager, ident
         if step < run.total_steps and interrupts.stop_requested(step):
             save(step)
             _finish_saves(manager, step)
-            logging.warning("Stopped by a signal at step %d; the checkpoint is saved. Run the "
-                            "same command to resume.", step)
+            logging.warning(
+                "Stopped by a signal at step %d; the checkpoint is saved. Run the "
+                "same command to resume.",
+                step,
+            )
             raise Stopped(interrupts.exit_status)
     return current["state"]
 
@@ -293,11 +376,15 @@ def _save_failed(manager, step: int, error: Exception) -> checkpoint.CheckpointE
         pass
     manager.reload()
     latest = manager.latest_step()
-    kept = (f"the last complete checkpoint is step {latest}" if latest is not None
-            else "no checkpoint is complete")
+    kept = (
+        f"the last complete checkpoint is step {latest}"
+        if latest is not None
+        else "no checkpoint is complete"
+    )
     return checkpoint.CheckpointError(
         f"Saving the checkpoint of step {step} failed: {cli.describe(error)} Training stopped; "
-        f"{kept}. Free space or fix the storage, then run the same command to resume.")
+        f"{kept}. Free space or fix the storage, then run the same command to resume."
+    )
 
 
 def _finish_saves(manager, step: int) -> None:
@@ -311,5 +398,8 @@ def _finish_saves(manager, step: int) -> None:
 def _last_good(manager) -> str:
     manager.wait_until_finished()
     latest = manager.latest_step()
-    return (f"the last good checkpoint (step {latest}) is intact" if latest is not None
-            else "no checkpoint was saved")
+    return (
+        f"the last good checkpoint (step {latest}) is intact"
+        if latest is not None
+        else "no checkpoint was saved"
+    )

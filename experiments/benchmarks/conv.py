@@ -47,12 +47,13 @@ SETTINGS = {
     "imagenet224": ("resnet50", "imagenet", 224),
 }
 RECORD_FORMS = ("xla_nchw", "shifted_matmul", "patches")
-TORCH_HINT = ("--against-pytorch needs PyTorch, which bt_jax does not depend on: run this with "
-              "/work/bench-venv/bin/python, or pip install torch in a separate environment.")
+TORCH_HINT = (
+    "--against-pytorch needs PyTorch, which bt_jax does not depend on: run this with "
+    "/work/bench-venv/bin/python, or pip install torch in a separate environment."
+)
 
 
-def conv_shapes(backbone: str, stem: str, size: int, width: int,
-                batch: int) -> Counter:
+def conv_shapes(backbone: str, stem: str, size: int, width: int, batch: int) -> Counter:
     """{(input shape [B, H, W, C], features, kernel, stride): count} of every conv of the
     backbone, read off an abstract forward pass."""
     model = models.create(backbone, stem=stem, width=width)
@@ -61,8 +62,7 @@ def conv_shapes(backbone: str, stem: str, size: int, width: int,
     def record(next_fun, args, kwargs, context):
         module = context.module
         if isinstance(module, conv_lib.Conv) and context.method_name == "__call__":
-            shapes[(tuple(args[0].shape), module.features, module.kernel_size,
-                    module.stride)] += 1
+            shapes[(tuple(args[0].shape), module.features, module.kernel_size, module.stride)] += 1
         return next_fun(*args, **kwargs)
 
     images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
@@ -79,9 +79,12 @@ def _shifted_matmul(x, kernel, stride, padding):
     out = 0
     for i in range(kh):
         for j in range(kw):
-            window = lax.slice(x_pad, (0, i, j, 0),
-                               (x.shape[0], i + (out_h - 1) * stride + 1,
-                                j + (out_w - 1) * stride + 1, channels), (1, stride, stride, 1))
+            window = lax.slice(
+                x_pad,
+                (0, i, j, 0),
+                (x.shape[0], i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, channels),
+                (1, stride, stride, 1),
+            )
             out = out + jnp.einsum("bhwc,co->bhwo", window, kernel[i, j])
     return out
 
@@ -89,15 +92,20 @@ def _shifted_matmul(x, kernel, stride, padding):
 def _patches(x, kernel, stride, padding):
     kh, kw, channels, features = kernel.shape
     # Patches come out feature-major: [B, Ho, Wo, C * kh * kw], channel slowest.
-    cols = lax.conv_general_dilated_patches(x, (kh, kw), (stride, stride), padding,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    cols = lax.conv_general_dilated_patches(
+        x, (kh, kw), (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     return cols @ kernel.transpose(2, 0, 1, 3).reshape(channels * kh * kw, features)
 
 
 def _xla_nchw(x, kernel, stride, padding):
-    y = lax.conv_general_dilated(x.transpose(0, 3, 1, 2), kernel.transpose(3, 2, 0, 1),
-                                 (stride, stride), padding,
-                                 dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    y = lax.conv_general_dilated(
+        x.transpose(0, 3, 1, 2),
+        kernel.transpose(3, 2, 0, 1),
+        (stride, stride),
+        padding,
+        dimension_numbers=("NCHW", "OIHW", "NCHW"),
+    )
     return y.transpose(0, 2, 3, 1)
 
 
@@ -115,8 +123,11 @@ def jax_runner(form: str, shape, compiler_options: dict) -> tuple[Callable, tupl
     conv = form_function(form)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, height, width, channels)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((kernel_size, kernel_size, channels, features))
-                         / np.sqrt(kernel_size * kernel_size * channels), jnp.float32)
+    kernel = jnp.asarray(
+        rng.standard_normal((kernel_size, kernel_size, channels, features))
+        / np.sqrt(kernel_size * kernel_size * channels),
+        jnp.float32,
+    )
     out_shape = jax.eval_shape(lambda: conv(x, kernel, stride, padding)).shape
     g = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
 
@@ -124,8 +135,11 @@ def jax_runner(form: str, shape, compiler_options: dict) -> tuple[Callable, tupl
         y, vjp = jax.vjp(lambda x_, k_: conv(x_, k_, stride, padding), x, kernel)
         return vjp(g)
 
-    compiled = jax.jit(forward_backward).lower(x, kernel, g).compile(
-        compiler_options=compiler_options or None)
+    compiled = (
+        jax.jit(forward_backward)
+        .lower(x, kernel, g)
+        .compile(compiler_options=compiler_options or None)
+    )
     return lambda: compiled(x, kernel, g), (x, kernel, g)
 
 
@@ -150,17 +164,29 @@ def torch_runner(shape) -> Callable:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", default="cifar32", choices=list(SETTINGS))
-    parser.add_argument("--batch", type=int, default=256,
-                        help="images per call (a view of global batch 256: 256; both views: 512)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=256,
+        help="images per call (a view of global batch 256: 256; both views: 512)",
+    )
     parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--forms", default="xla,tap_matmul,auto",
-                        help=f"of {list(conv_lib.FORMS) + list(RECORD_FORMS)}")
+    parser.add_argument(
+        "--forms",
+        default="xla,tap_matmul,auto",
+        help=f"of {list(conv_lib.FORMS) + list(RECORD_FORMS)}",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up)")
-    parser.add_argument("--against-pytorch", action="store_true",
-                        help="add torch.nn.Conv2d (needs torch: " + TORCH_HINT + ")")
-    parser.add_argument("--compiler-options", default="",
-                        help="XLA options for the JAX forms, KEY=VALUE,... e.g. "
-                             "xla_cpu_use_onednn=true")
+    parser.add_argument(
+        "--against-pytorch",
+        action="store_true",
+        help="add torch.nn.Conv2d (needs torch: " + TORCH_HINT + ")",
+    )
+    parser.add_argument(
+        "--compiler-options",
+        default="",
+        help="XLA options for the JAX forms, KEY=VALUE,... e.g. xla_cpu_use_onednn=true",
+    )
     args = parser.parse_args()
     forms = args.forms.split(",")
     for form in forms:
@@ -183,9 +209,11 @@ def main() -> None:
     backbone, stem, size = SETTINGS[args.setting]
     shapes = conv_shapes(backbone, stem, size, args.width, args.batch)
     device = jax.devices()[0]
-    print(f"# {device.platform}: {device.device_kind}; {backbone} ({stem} stem, {size} px, "
-          f"width {args.width}), batch {args.batch}; forward + both gradients, ms, median of "
-          f"{args.repeats} alternating rounds{torch_note}; XLA options {options or 'default'}")
+    print(
+        f"# {device.platform}: {device.device_kind}; {backbone} ({stem} stem, {size} px, "
+        f"width {args.width}), batch {args.batch}; forward + both gradients, ms, median of "
+        f"{args.repeats} alternating rounds{torch_note}; XLA options {options or 'default'}"
+    )
     columns = ["input", "kernel", "out", "stride", "count"] + [f"{f} ms" for f in forms_and_torch]
     if args.against_pytorch:
         columns += [f"pytorch/{f}" for f in forms]
@@ -202,8 +230,9 @@ def main() -> None:
                 scale = float(jnp.max(jnp.abs(want)))
                 error = float(jnp.max(jnp.abs(got - want))) / scale
                 if error > 1e-4:
-                    sys.exit(f"error: form {form} differs from xla by {error:.1e} (relative) "
-                             f"on {shape}")
+                    sys.exit(
+                        f"error: form {form} differs from xla by {error:.1e} (relative) on {shape}"
+                    )
             runners[form] = lambda run=run: jax.block_until_ready(run())
         if args.against_pytorch:
             runners["pytorch"] = torch_runner(shape)
@@ -218,13 +247,19 @@ def main() -> None:
         for name in ms:
             totals[name] += count * ms[name]
         (batch, height, width, channels), features, kernel_size, stride = shape
-        row = [f"{batch}x{height}x{width}x{channels}", f"{kernel_size}x{kernel_size}",
-               str(features), str(stride), str(count)] + [f"{ms[f]:.1f}" for f in forms_and_torch]
+        row = [
+            f"{batch}x{height}x{width}x{channels}",
+            f"{kernel_size}x{kernel_size}",
+            str(features),
+            str(stride),
+            str(count),
+        ] + [f"{ms[f]:.1f}" for f in forms_and_torch]
         if args.against_pytorch:
             row += [f"{ms['pytorch'] / ms[f]:.2f}" for f in forms]
         print("| " + " | ".join(row) + " |", flush=True)
     row = ["total", "", "", "", str(sum(shapes.values()))] + [
-        f"{totals[f]:.1f}" for f in forms_and_torch]
+        f"{totals[f]:.1f}" for f in forms_and_torch
+    ]
     if args.against_pytorch:
         row += [f"{totals['pytorch'] / totals[f]:.2f}" for f in forms]
     print("| " + " | ".join(row) + " |")

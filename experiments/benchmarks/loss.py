@@ -27,6 +27,7 @@ LAMBD = 0.0051
 
 def official_formulation(z1: jax.Array, z2: jax.Array) -> jax.Array:
     """The official main.py: BatchNorm1d(affine=False), c = bn(z1).T @ bn(z2) / N, reductions."""
+
     def bn(z):
         mean = z.mean(0)
         return (z - mean) / jnp.sqrt(jnp.mean(jnp.square(z - mean), 0) + 1e-5)
@@ -55,8 +56,9 @@ def measure(method: str, n: int, d: int, repeats: int) -> tuple[float, float]:
     memory = compiled.memory_analysis()
     peak_mib = float("nan")
     if memory is not None:
-        peak_mib = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                    + memory.temp_size_in_bytes) / 2**20
+        peak_mib = (
+            memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+        ) / 2**20
     jax.block_until_ready(compiled(z1, z2))  # Warm-up.
     times = []
     for _ in range(repeats):
@@ -75,8 +77,10 @@ def main() -> None:
     args = parser.parse_args()
     methods = args.methods.split(",")
     device = jax.devices()[0]
-    print(f"# {device.platform}: {device.device_kind}, {jax.device_count()} device(s); "
-          f"value_and_grad in ms (median of {args.repeats}), peak MiB from XLA")
+    print(
+        f"# {device.platform}: {device.device_kind}, {jax.device_count()} device(s); "
+        f"value_and_grad in ms (median of {args.repeats}), peak MiB from XLA"
+    )
     header = ["N", "D", "auto picks"] + [f"{m} ms" for m in methods] + [f"{m} MiB" for m in methods]
     header += ["official/auto"]
     print("| " + " | ".join(header) + " |")
@@ -87,8 +91,11 @@ def main() -> None:
             row = [str(n), str(d), bt_jax.loss.choose_method(n, d)]
             row += [f"{results[m][0]:.1f}" for m in methods]
             row += [f"{results[m][1]:.0f}" for m in methods]
-            ratio = (results["official"][0] / results["auto"][0]
-                     if {"official", "auto"} <= results.keys() else float("nan"))
+            ratio = (
+                results["official"][0] / results["auto"][0]
+                if {"official", "auto"} <= results.keys()
+                else float("nan")
+            )
             row.append(f"{ratio:.1f}x")
             print("| " + " | ".join(row) + " |", flush=True)
 

@@ -78,16 +78,21 @@ def alternate(steps: dict, z_a, z_b, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="256x2048,256x8192,1024x2048,2048x2048",
-                        help="comma-separated NxD")
+    parser.add_argument(
+        "--shapes", default="256x2048,256x8192,1024x2048,2048x2048", help="comma-separated NxD"
+    )
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     device = jax.devices()[0]
-    print(f"# {device.platform}: {device.device_kind}; value_and_grad in ms, best of "
-          f"{args.repeats} alternating (ratio of medians in brackets)")
-    print("| N | D | method | loss, plain ms | loss, bt_jax ms | bt_jax/plain | loss, plain MiB | "
-          "loss, bt_jax MiB | standardise only, plain ms | standardise only, bt_jax ms | "
-          "bt_jax/plain |")
+    print(
+        f"# {device.platform}: {device.device_kind}; value_and_grad in ms, best of "
+        f"{args.repeats} alternating (ratio of medians in brackets)"
+    )
+    print(
+        "| N | D | method | loss, plain ms | loss, bt_jax ms | bt_jax/plain | loss, plain MiB | "
+        "loss, bt_jax MiB | standardise only, plain ms | standardise only, bt_jax ms | "
+        "bt_jax/plain |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
         n, d = (int(x) for x in shape.split("x"))
@@ -103,11 +108,16 @@ def main() -> None:
         cells = [str(n), str(d), method]
         for part in ("loss", "only"):
             plain, ours = ms[f"{part} plain"], ms[f"{part} bt_jax"]
-            cells += [f"{plain[0]:.1f}", f"{ours[0]:.1f}",
-                      f"{ours[0] / plain[0]:.2f}x ({ours[1] / plain[1]:.2f}x)"]
+            cells += [
+                f"{plain[0]:.1f}",
+                f"{ours[0]:.1f}",
+                f"{ours[0] / plain[0]:.2f}x ({ours[1] / plain[1]:.2f}x)",
+            ]
             if part == "loss":
-                cells += [f"{mebibytes_accessed(steps[f'loss {name}']):.0f}"
-                          for name in ("plain", "bt_jax")]
+                cells += [
+                    f"{mebibytes_accessed(steps[f'loss {name}']):.0f}"
+                    for name in ("plain", "bt_jax")
+                ]
         print("| " + " | ".join(cells) + " |", flush=True)
 
 

@@ -1,6 +1,6 @@
 """Benchmark: images per second for forward + backward of backbone + projector, by depth and dtype.
 
-    python experiments/benchmarks/model.py                               # the full grid (long on CPU)
+    python experiments/benchmarks/model.py          # the full grid (long on CPU)
     python experiments/benchmarks/model.py --backbones=resnet18,resnet50 --steps=3
     python experiments/benchmarks/model.py --settings=cifar32 --dtypes=float32 --steps=2
 
@@ -34,28 +34,43 @@ SETTINGS = {
 }
 
 
-def measure(backbone: str, setting: str, dtype: str, batch: int, width: int, projector: str,
-            steps: int, conv: str = "auto") -> tuple[float, float, float]:
+def measure(
+    backbone: str,
+    setting: str,
+    dtype: str,
+    batch: int,
+    width: int,
+    projector: str,
+    steps: int,
+    conv: str = "auto",
+) -> tuple[float, float, float]:
     """(images per second, median ms per step, compile seconds)."""
     size, stem, _ = SETTINGS[setting]
     model = models.BarlowTwinsModel(
         models.create(backbone, stem=stem, width=width, dtype=dtype, conv=conv),
         models.Projector(projector, dtype=dtype),
     )
-    images = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3)), jnp.float32)
+    images = jnp.asarray(
+        np.random.default_rng(0).standard_normal((batch, size, size, 3)), jnp.float32
+    )
     # "rbg" keys: the default threefry makes initialisation slow to compile on CPU.
-    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0, impl="rbg"), images[:2])
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        jax.random.key(0, impl="rbg"), images[:2]
+    )
 
     def loss_fn(params, batch_stats, x):
-        (_, z), updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                      mutable=["batch_stats"])
+        (_, z), updates = model.apply(
+            {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+        )
         return jnp.mean(jnp.square(z)), updates["batch_stats"]
 
     step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     start = time.perf_counter()
     compiled = step.lower(variables["params"], variables["batch_stats"], images).compile()
     compile_s = time.perf_counter() - start
-    jax.block_until_ready(compiled(variables["params"], variables["batch_stats"], images))  # warm-up
+    jax.block_until_ready(
+        compiled(variables["params"], variables["batch_stats"], images)
+    )  # warm-up
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -67,11 +82,19 @@ def measure(backbone: str, setting: str, dtype: str, batch: int, width: int, pro
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbones", default=",".join(models.BACKBONES), help="comma-separated names")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {list(SETTINGS)}")
+    parser.add_argument(
+        "--backbones", default=",".join(models.BACKBONES), help="comma-separated names"
+    )
+    parser.add_argument(
+        "--settings", default=",".join(SETTINGS), help=f"comma-separated, of {list(SETTINGS)}"
+    )
     parser.add_argument("--dtypes", default="float32,bfloat16", help="computation dtypes")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per row (after one warm-up)")
-    parser.add_argument("--batch", type=int, default=None, help="override the settings' batch sizes")
+    parser.add_argument(
+        "--steps", type=int, default=10, help="timed steps per row (after one warm-up)"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="override the settings' batch sizes"
+    )
     parser.add_argument("--width", type=int, default=64, help="ResNet width (64 standard)")
     parser.add_argument("--projector", default="8192-8192-8192")
     parser.add_argument("--convs", default="auto", help=f"comma-separated, of {models.CONV_FORMS}")
@@ -86,8 +109,11 @@ def main() -> None:
         if b not in models.BACKBONES:
             parser.error(f"unknown backbone {b!r}; choose from {list(models.BACKBONES)}")
     device = jax.devices()[0]
-    print(f"# {device.platform}: {device.device_kind}, 1 of {jax.device_count()} device(s); forward + backward "
-          f"of one view, projector {args.projector}, width {args.width}, median of {args.steps} steps")
+    print(
+        f"# {device.platform}: {device.device_kind}, 1 of {jax.device_count()} device(s); "
+        "forward + backward "
+        f"of one view, projector {args.projector}, width {args.width}, median of {args.steps} steps"
+    )
     header = ["backbone", "setting", "conv", "batch", "dtype", "images/s", "ms/step", "compile s"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -96,10 +122,26 @@ def main() -> None:
             batch = args.batch or SETTINGS[setting][2]
             for dtype in args.dtypes.split(","):
                 for conv in args.convs.split(","):
-                    rate, ms, compile_s = measure(backbone, setting, dtype, batch, args.width,
-                                                  args.projector, args.steps, conv)
-                    row = [backbone, setting, conv, str(batch), dtype, f"{rate:.1f}", f"{ms:.0f}",
-                           f"{compile_s:.1f}"]
+                    rate, ms, compile_s = measure(
+                        backbone,
+                        setting,
+                        dtype,
+                        batch,
+                        args.width,
+                        args.projector,
+                        args.steps,
+                        conv,
+                    )
+                    row = [
+                        backbone,
+                        setting,
+                        conv,
+                        str(batch),
+                        dtype,
+                        f"{rate:.1f}",
+                        f"{ms:.0f}",
+                        f"{compile_s:.1f}",
+                    ]
                     print("| " + " | ".join(row) + " |", flush=True)
 
 

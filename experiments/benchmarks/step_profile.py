@@ -39,8 +39,16 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step  # noqa: E402  (the steps, from the script beside this one)
 
-KINDS = ("conv forward", "conv backward", "conv kernel grad", "matmul", "collective",
-         "reduction", "copy / transpose", "elementwise / other")
+KINDS = (
+    "conv forward",
+    "conv backward",
+    "conv kernel grad",
+    "matmul",
+    "collective",
+    "reduction",
+    "copy / transpose",
+    "elementwise / other",
+)
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
 
@@ -90,8 +98,7 @@ def profile(runner: train_step.Runner) -> tuple[float, collections.Counter, list
             start = time.perf_counter()
             runner.step()
             wall = time.perf_counter() - start
-        (path,) = glob.glob(os.path.join(directory, "**", "perfetto_trace.json.gz"),
-                            recursive=True)
+        (path,) = glob.glob(os.path.join(directory, "**", "perfetto_trace.json.gz"), recursive=True)
         with gzip.open(path) as trace_file:
             trace = json.load(trace_file)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -99,21 +106,27 @@ def profile(runner: train_step.Runner) -> tuple[float, collections.Counter, list
     for event in events:
         name = event.get("name")
         # Loops and calls are timed as a whole and again by the operations inside: the latter.
-        if (event.get("ph") == "X" and name in lines
-                and not re.search(r" (while|conditional|call)\(", lines[name])):
+        if (
+            event.get("ph") == "X"
+            and name in lines
+            and not re.search(r" (while|conditional|call)\(", lines[name])
+        ):
             seconds = event.get("dur", 0) / 1e6
             by_kind[kind_of(lines[name], bodies)] += seconds
             by_thunk[name] += seconds
-    longest = [(seconds, name, kind_of(lines[name], bodies), lines[name].split(" = ", 1)[1][:120])
-               for name, seconds in by_thunk.most_common()]
+    longest = [
+        (seconds, name, kind_of(lines[name], bodies), lines[name].split(" = ", 1)[1][:120])
+        for name, seconds in by_thunk.most_common()
+    ]
     return wall, by_kind, longest
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     jax_steps = [n for n in train_step.STEPS if n != "pytorch"]
-    parser.add_argument("--steps", default="bt_jax,minimal",
-                        help=f"comma-separated, of {jax_steps}")
+    parser.add_argument(
+        "--steps", default="bt_jax,minimal", help=f"comma-separated, of {jax_steps}"
+    )
     parser.add_argument("--setting", default="cifar32", choices=list(train_step.SETTINGS))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
@@ -132,19 +145,22 @@ def main() -> None:
         runner.step()  # compile and warm up
         results[name] = profile(runner)
     device = jax.devices()[0]
-    print(f"# {device.platform}: {device.device_kind} x {jax.local_device_count()}; "
-          f"{setup.model_name} {args.setting}, batch {setup.batch}, width {args.width}, "
-          f"projector {args.projector}; thunk seconds of one profiled step, by kind")
+    print(
+        f"# {device.platform}: {device.device_kind} x {jax.local_device_count()}; "
+        f"{setup.model_name} {args.setting}, batch {setup.batch}, width {args.width}, "
+        f"projector {args.projector}; thunk seconds of one profiled step, by kind"
+    )
     print("| kind | " + " | ".join(names) + " |")
     print("|" + "---|" * (len(names) + 1))
     for kind in KINDS:
         print(f"| {kind} | " + " | ".join(f"{results[n][1][kind]:.2f}" for n in names) + " |")
-    print("| all thunks | " + " | ".join(f"{sum(results[n][1].values()):.2f}" for n in names)
-          + " |")
+    print(
+        "| all thunks | " + " | ".join(f"{sum(results[n][1].values()):.2f}" for n in names) + " |"
+    )
     print("| step wall time | " + " | ".join(f"{results[n][0]:.2f}" for n in names) + " |")
     for name in names if args.top else ():
         print(f"\n{name}: the {args.top} longest operations (seconds)")
-        for seconds, thunk, kind, line in results[name][2][:args.top]:
+        for seconds, thunk, kind, line in results[name][2][: args.top]:
             print(f"  {seconds:7.3f}  {kind:20s} {thunk}  {line}")
 
 

@@ -68,9 +68,11 @@ SETTINGS = {
 LAMBD = 0.0051
 NUM_CLASSES = 10
 LEARNING_RATE_WEIGHTS, LEARNING_RATE_BIASES = 0.2, 0.0048  # official, per 256 examples
-TORCH_HINT = ("--against-pytorch needs PyTorch, which bt_jax does not depend on: run this with "
-              "/work/bench-venv/bin/python (torch + torchvision, CPU), or pip install torch "
-              "torchvision in a separate environment.")
+TORCH_HINT = (
+    "--against-pytorch needs PyTorch, which bt_jax does not depend on: run this with "
+    "/work/bench-venv/bin/python (torch + torchvision, CPU), or pip install torch "
+    "torchvision in a separate environment."
+)
 
 # name: (kind, options)
 STEPS = {
@@ -93,26 +95,44 @@ finish_views = functools.partial(photometric.finish_views, seed=0, photometric="
 class Setup:
     """What every step variant shares: the setting, the batch, the host data."""
 
-    def __init__(self, setting: str, batch: int | None, width: int, projector: str, dtype: str,
-                 image_size: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        setting: str,
+        batch: int | None,
+        width: int,
+        projector: str,
+        dtype: str,
+        image_size: int | None = None,
+        seed: int = 0,
+    ):
         self.model_name, self.stem, self.size, default_batch = SETTINGS[setting]
         self.size = image_size or self.size
         self.setting, self.width, self.projector, self.dtype = setting, width, projector, dtype
         self.batch = batch or default_batch
         rng = np.random.default_rng(seed)
         shape = (self.batch, self.size, self.size, 3)
-        self.data = {"view_a": rng.integers(0, 256, shape, dtype=np.uint8),
-                     "view_b": rng.integers(0, 256, shape, dtype=np.uint8),
-                     "label": rng.integers(0, NUM_CLASSES, self.batch).astype(np.int32)}
+        self.data = {
+            "view_a": rng.integers(0, 256, shape, dtype=np.uint8),
+            "view_b": rng.integers(0, 256, shape, dtype=np.uint8),
+            "label": rng.integers(0, NUM_CLASSES, self.batch).astype(np.int32),
+        }
 
     def model(self, conv: str = "auto", axis_name: str | None = None):
-        return models.create_model(self.model_name, projector=self.projector, stem=self.stem,
-                                   width=self.width, dtype=self.dtype, axis_name=axis_name,
-                                   conv=conv)
+        return models.create_model(
+            self.model_name,
+            projector=self.projector,
+            stem=self.stem,
+            width=self.width,
+            dtype=self.dtype,
+            axis_name=axis_name,
+            conv=conv,
+        )
 
     def init_variables(self, model) -> dict:
-        init_model = model.clone(backbone=model.backbone.clone(axis_name=None),
-                                 projector=model.projector.clone(axis_name=None))
+        init_model = model.clone(
+            backbone=model.backbone.clone(axis_name=None),
+            projector=model.projector.clone(axis_name=None),
+        )
         images = jnp.zeros((2, self.size, self.size, 3), jnp.float32)
         return jax.jit(functools.partial(init_model.init, train=False))(jax.random.key(0), images)
 
@@ -130,33 +150,51 @@ def _peak_mib(compiled) -> float:
     memory = compiled.memory_analysis()
     if memory is None:
         return float("nan")
-    return (memory.argument_size_in_bytes + memory.output_size_in_bytes
-            + memory.temp_size_in_bytes) / 2**20
+    return (
+        memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+    ) / 2**20
 
 
-def full_runner(setup: Setup, conv: str = "auto", views_in_one_call: bool = True,
-                probe_enabled: bool = True, sync_bn: bool = True) -> Runner:
+def full_runner(
+    setup: Setup,
+    conv: str = "auto",
+    views_in_one_call: bool = True,
+    probe_enabled: bool = True,
+    sync_bn: bool = True,
+) -> Runner:
     """The trainer's step: bt_jax.step.train_step under parallel.map_step (shard_map)."""
     mesh = parallel.device_mesh(jax.local_devices())
     model = setup.model(conv, axis_name=parallel.AXIS if sync_bn else None)
-    tx = optim.lars(global_batch=setup.batch, steps_per_epoch=100, num_epochs=10,
-                    warmup_epochs=1)
+    tx = optim.lars(global_batch=setup.batch, steps_per_epoch=100, num_epochs=10, warmup_epochs=1)
     probe_tx = optax.sgd(0.1, momentum=probe.MOMENTUM)
     variables = setup.init_variables(model)
-    probe_params = probe.init_params(model.backbone.num_features,
-                                     NUM_CLASSES if probe_enabled else None)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                       batch_stats=variables["batch_stats"],
-                       opt_state=tx.init(variables["params"]), probe_params=probe_params,
-                       probe_opt_state=probe_tx.init(probe_params))
+    probe_params = probe.init_params(
+        model.backbone.num_features, NUM_CLASSES if probe_enabled else None
+    )
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+        probe_params=probe_params,
+        probe_opt_state=probe_tx.init(probe_params),
+    )
     state = jax.device_put(state, parallel.replicated(mesh))
-    step_fn = functools.partial(step_lib.train_step, model=model, tx=tx, probe_tx=probe_tx,
-                                loss_options={"lambd": LAMBD, "method": "auto"},
-                                finish_views=finish_views, views_in_one_call=views_in_one_call)
+    step_fn = functools.partial(
+        step_lib.train_step,
+        model=model,
+        tx=tx,
+        probe_tx=probe_tx,
+        loss_options={"lambd": LAMBD, "method": "auto"},
+        finish_views=finish_views,
+        views_in_one_call=views_in_one_call,
+    )
     # What parallel.map_step(step_fn, mesh) runs (it adds a barrier between processes), built
     # here so that the compiled step's memory analysis can be read.
-    mapped = jax.jit(jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(parallel.AXIS), P()),
-                                   out_specs=P()), donate_argnums=(0,))
+    mapped = jax.jit(
+        jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(parallel.AXIS), P()), out_specs=P()),
+        donate_argnums=(0,),
+    )
     batch = parallel.global_batch(setup.data, mesh)
     key = jax.random.key(0)
     compiled = mapped.lower(state, batch, key).compile()
@@ -173,8 +211,7 @@ def minimal_runner(setup: Setup, conv: str = "auto", views_in_one_call: bool = T
     """The same network in the least step code: jit(value_and_grad), optax.lars, no probe."""
     model = setup.model(conv)
     variables = setup.init_variables(model)
-    tx = optax.lars(LEARNING_RATE_WEIGHTS * setup.batch / 256, weight_decay=1.5e-6,
-                    momentum=0.9)
+    tx = optax.lars(LEARNING_RATE_WEIGHTS * setup.batch / 256, weight_decay=1.5e-6, momentum=0.9)
 
     def step(params, batch_stats, opt_state, batch):
         views = finish_views(batch)
@@ -183,14 +220,15 @@ def minimal_runner(setup: Setup, conv: str = "auto", views_in_one_call: bool = T
             state_vars = {"params": p, "batch_stats": batch_stats}
             if views_in_one_call:
                 both = jnp.concatenate([views["view_a"], views["view_b"]])
-                (_, z), updates = model.apply(state_vars, both, views=2,
-                                              mutable=["batch_stats"])
+                (_, z), updates = model.apply(state_vars, both, views=2, mutable=["batch_stats"])
                 z_a, z_b = jnp.split(z, 2)
             else:
-                (_, z_a), updates = model.apply(state_vars, views["view_a"],
-                                                mutable=["batch_stats"])
-                (_, z_b), updates = model.apply({"params": p, **updates}, views["view_b"],
-                                                mutable=["batch_stats"])
+                (_, z_a), updates = model.apply(
+                    state_vars, views["view_a"], mutable=["batch_stats"]
+                )
+                (_, z_b), updates = model.apply(
+                    {"params": p, **updates}, views["view_b"], mutable=["batch_stats"]
+                )
             return loss_lib.barlow_twins_loss(z_a, z_b, lambd=LAMBD), updates["batch_stats"]
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -223,15 +261,19 @@ def torch_runner(setup: Setup) -> Runner:
         backbone.conv1 = torch.nn.Conv2d(3, setup.width, 3, 1, 1, bias=False)
         backbone.maxpool = torch.nn.Identity()
     if setup.width != 64:
-        raise SystemExit("error: torchvision's ResNets have width 64; use --width=64 with "
-                         "--against-pytorch.")
+        raise SystemExit(
+            "error: torchvision's ResNets have width 64; use --width=64 with --against-pytorch."
+        )
     features = backbone.fc.in_features
     backbone.fc = torch.nn.Identity()
     sizes = [features] + list(models.parse_spec(setup.projector))
     layers = []
     for i in range(len(sizes) - 2):
-        layers += [torch.nn.Linear(sizes[i], sizes[i + 1], bias=False),
-                   torch.nn.BatchNorm1d(sizes[i + 1]), torch.nn.ReLU(inplace=True)]
+        layers += [
+            torch.nn.Linear(sizes[i], sizes[i + 1], bias=False),
+            torch.nn.BatchNorm1d(sizes[i + 1]),
+            torch.nn.ReLU(inplace=True),
+        ]
     layers.append(torch.nn.Linear(sizes[-2], sizes[-1], bias=False))
     projector = torch.nn.Sequential(*layers)
     bn = torch.nn.BatchNorm1d(sizes[-1], affine=False)
@@ -247,8 +289,10 @@ def torch_runner(setup: Setup) -> Runner:
 
     weights = [p for p in network.parameters() if p.ndim != 1]
     biases = [p for p in network.parameters() if p.ndim == 1]
-    groups = [{"params": weights, "lr": LEARNING_RATE_WEIGHTS * batch / 256},
-              {"params": biases, "lr": LEARNING_RATE_BIASES * batch / 256}]
+    groups = [
+        {"params": weights, "lr": LEARNING_RATE_WEIGHTS * batch / 256},
+        {"params": biases, "lr": LEARNING_RATE_BIASES * batch / 256},
+    ]
     optimizer = _official_lars(torch)(groups, lr=0, weight_decay=1.5e-6)
 
     def normalized(key):
@@ -277,8 +321,9 @@ def _official_lars(torch):
 
     class LARS(torch.optim.Optimizer):
         def __init__(self, params, lr, weight_decay=0, momentum=0.9, eta=0.001):
-            super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                          eta=eta))
+            super().__init__(
+                params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta)
+            )
 
         @torch.no_grad()
         def step(self):
@@ -292,10 +337,13 @@ def _official_lars(torch):
                         param_norm = torch.norm(p)
                         update_norm = torch.norm(dp)
                         one = torch.ones_like(param_norm)
-                        q = torch.where(param_norm > 0.0,
-                                        torch.where(update_norm > 0,
-                                                    (g["eta"] * param_norm / update_norm), one),
-                                        one)
+                        q = torch.where(
+                            param_norm > 0.0,
+                            torch.where(
+                                update_norm > 0, (g["eta"] * param_norm / update_norm), one
+                            ),
+                            one,
+                        )
                         dp = dp.mul(q)
                     state = self.state[p]
                     if "mu" not in state:
@@ -310,13 +358,19 @@ def _official_lars(torch):
 def build(name: str, setup: Setup) -> Runner:
     kind, options = STEPS[name]
     if kind == "full":
-        return full_runner(setup, conv=options.get("conv", "auto"),
-                           views_in_one_call=options.get("views_in_one_call", True),
-                           probe_enabled=options.get("probe", True),
-                           sync_bn=options.get("sync_bn", True))
+        return full_runner(
+            setup,
+            conv=options.get("conv", "auto"),
+            views_in_one_call=options.get("views_in_one_call", True),
+            probe_enabled=options.get("probe", True),
+            sync_bn=options.get("sync_bn", True),
+        )
     if kind == "minimal":
-        return minimal_runner(setup, conv=options.get("conv", "auto"),
-                              views_in_one_call=options.get("views_in_one_call", True))
+        return minimal_runner(
+            setup,
+            conv=options.get("conv", "auto"),
+            views_in_one_call=options.get("views_in_one_call", True),
+        )
     return torch_runner(setup)
 
 
@@ -337,37 +391,64 @@ def measure(names: list[str], setup: Setup, repeats: int) -> list[dict]:
     rows = []
     for name in names:
         seconds = statistics.median(times[name])
-        rows.append({"step": name, "setting": setup.setting, "model": setup.model_name,
-                     "batch": setup.batch, "dtype": setup.dtype, "ms_per_step": 1e3 * seconds,
-                     "images_per_second": setup.batch / seconds,
-                     "peak_mib": runners[name].peak_mib,
-                     "first_step_seconds": compile_seconds[name]})
+        rows.append(
+            {
+                "step": name,
+                "setting": setup.setting,
+                "model": setup.model_name,
+                "batch": setup.batch,
+                "dtype": setup.dtype,
+                "ms_per_step": 1e3 * seconds,
+                "images_per_second": setup.batch / seconds,
+                "peak_mib": runners[name].peak_mib,
+                "first_step_seconds": compile_seconds[name],
+            }
+        )
     base = rows[0]["images_per_second"]
     for row in rows:
         row["ratio"] = row["images_per_second"] / base
     return rows
 
 
-COLUMNS = ["step", "setting", "model", "batch", "dtype", "ms_per_step", "images_per_second",
-           "ratio", "peak_mib", "first_step_seconds"]
+COLUMNS = [
+    "step",
+    "setting",
+    "model",
+    "batch",
+    "dtype",
+    "ms_per_step",
+    "images_per_second",
+    "ratio",
+    "peak_mib",
+    "first_step_seconds",
+]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", default="cifar32",
-                        help=f"comma-separated, of {list(SETTINGS)}")
-    parser.add_argument("--batch", type=int, default=None,
-                        help="global batch (default per setting)")
+    parser.add_argument(
+        "--settings", default="cifar32", help=f"comma-separated, of {list(SETTINGS)}"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="global batch (default per setting)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--projector", default="8192-8192-8192")
     parser.add_argument("--dtypes", default="float32")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="override the setting's image side (tiny runs)")
-    parser.add_argument("--steps", default="bt_jax,minimal",
-                        help=f"comma-separated, of {list(STEPS)}; the first is the ratios' base")
-    parser.add_argument("--against-pytorch", action="store_true",
-                        help=f"add the official-style PyTorch step (needs torch: {TORCH_HINT})")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="override the setting's image side (tiny runs)"
+    )
+    parser.add_argument(
+        "--steps",
+        default="bt_jax,minimal",
+        help=f"comma-separated, of {list(STEPS)}; the first is the ratios' base",
+    )
+    parser.add_argument(
+        "--against-pytorch",
+        action="store_true",
+        help=f"add the official-style PyTorch step (needs torch: {TORCH_HINT})",
+    )
     args = parser.parse_args(argv)
     names = args.steps.split(",")
     for name in names:
@@ -386,15 +467,16 @@ def main(argv: list[str] | None = None) -> None:
             names.append("pytorch")
         torch_note = f"; torch {torch.__version__} with {torch.get_num_threads()} threads"
     device = jax.devices()[0]
-    print(f"# {device.platform}: {device.device_kind} x {jax.local_device_count()}; width "
-          f"{args.width}, projector {args.projector}; median of {args.repeats} alternating "
-          f"rounds after one warm-up{torch_note}")
+    print(
+        f"# {device.platform}: {device.device_kind} x {jax.local_device_count()}; width "
+        f"{args.width}, projector {args.projector}; median of {args.repeats} alternating "
+        f"rounds after one warm-up{torch_note}"
+    )
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     for setting in args.settings.split(","):
         for dtype in args.dtypes.split(","):
-            setup = Setup(setting, args.batch, args.width, args.projector, dtype,
-                          args.image_size)
+            setup = Setup(setting, args.batch, args.width, args.projector, dtype, args.image_size)
             for row in measure(names, setup, args.repeats):
                 print("| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |", flush=True)
 

@@ -12,6 +12,7 @@ scale a rate lr_old becomes learning_rate_weights = lr_old (the trust ratio make
 update blind to the loss scale) and learning_rate_biases = 0.024 * lr_old (biases and BN
 parameters see gradients 1 / 0.024 larger); both still times batch / 256.
 """
+
 from experiments.configs import imagenet_resnet50_300ep
 
 OLD_LOSS_SCALE = 0.024
@@ -39,8 +40,10 @@ def get_config(arg: str = "lambd=0.0051"):
     else:
         batch = int(value)
         if batch not in BEST_LEARNING_RATE:
-            raise ValueError(f"No official learning rate for batch {batch}; use one of "
-                             f"{sorted(BEST_LEARNING_RATE)}.")
+            raise ValueError(
+                f"No official learning rate for batch {batch}; use one of "
+                f"{sorted(BEST_LEARNING_RATE)}."
+            )
         config.batch_size = batch
         config.optim.learning_rate_weights = BEST_LEARNING_RATE[batch]
         config.optim.learning_rate_biases = OLD_LOSS_SCALE * BEST_LEARNING_RATE[batch]

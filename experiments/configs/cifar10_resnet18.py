@@ -6,6 +6,7 @@ benchmarks: 92.1% online linear probe after 1000 epochs in solo-learn).
 Needs cifar10 prepared for tensorflow-datasets (`tfds build cifar10`, or a data_dir holding it).
 Not yet run to the end in this repository: no accuracy of ours is claimed for it.
 """
+
 from bt_jax.config import get_config as base_config
 
 

@@ -6,6 +6,7 @@
 
 Sized for a 2-core CPU machine (about an hour); on an accelerator raise width to 64 and epochs.
 """
+
 from bt_jax.config import get_config as base_config
 
 

@@ -6,6 +6,7 @@ ImageNet must be prepared for tensorflow-datasets first (its manual download), i
 array_record so that it is read from disk by index (see README, Data). Paper: 73.2% linear top-1.
 The optimiser is the default group: the official LARS recipe (bt_jax.optim.lars).
 """
+
 from bt_jax.config import get_config as base_config
 
 

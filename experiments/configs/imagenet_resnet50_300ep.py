@@ -1,4 +1,5 @@
 """The paper's ablation baseline: the ImageNet ResNet-50 recipe for 300 epochs (71.4% top-1)."""
+
 from experiments.configs import imagenet_resnet50
 
 
