@@ -125,7 +125,8 @@ def assert_same_parameters(workdir, reference):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One process, 4 devices, uninterrupted: the parameters every pod run must end with."""
+    """One process, 4 devices, uninterrupted: the parameters every pod run must end with, and
+    those of its checkpoint at step 4."""
     workdir = str(tmp_path_factory.mktemp("reference") / "run")
     job = Job(workdir, 1, 4)
     assert job.wait() == [0], job.stderr[0][-3000:]
@@ -137,7 +138,7 @@ def reference(tmp_path_factory):
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(initial))
     )
     assert moved > 1e-3
-    return params
+    return params, initial
 
 
 def test_a_pod_job_through_preemptions_a_lost_host_and_restarts_to_the_end_of_the_run(
@@ -194,7 +195,7 @@ def test_a_pod_job_through_preemptions_a_lost_host_and_restarts_to_the_end_of_th
     job = Job(workdir, 2, 2, eval__at_end=True)
     assert job.wait() == [0, 0], job.stderr
     print(f"The whole job, 4 starts of 2 processes x 2 devices: {time.time() - started:.1f} s")
-    assert_same_parameters(workdir, reference)
+    assert_same_parameters(workdir, reference[0])
     records = metric_logging.read_metrics(workdir)
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == list(range(1, TOTAL_STEPS + 1))  # every step logged exactly once
@@ -215,3 +216,19 @@ def test_a_pod_job_through_preemptions_a_lost_host_and_restarts_to_the_end_of_th
     # Both processes evaluated (each its share), only process 0 printed and wrote.
     assert "kNN top-1" in job.stdout[0] and "kNN top-1" not in job.stdout[1]
     assert not os.path.exists(os.path.join(workdir, "lock.json"))
+
+
+def test_four_processes_of_one_device(reference, tmp_path):
+    """Another factorisation of the same 4 devices: 4 processes of 1 device each, 4 steps (the
+    full lifecycle is the test above; this one shows the sharding holds for any split)."""
+    workdir = str(tmp_path / "pod")
+    job = Job(workdir, 4, 1, max_steps=4)
+    assert job.wait() == [0, 0, 0, 0], job.stderr
+    print(f"\n4x1 run (4 steps): {time.time() - job.started:.1f} s")
+    params, step = restore_params(workdir)
+    assert step == 4
+    expected = reference[1]
+    scale = max(float(np.max(np.abs(b))) for b in jax.tree.leaves(expected))
+    chex.assert_trees_all_close(
+        checkpoint.plain(params), checkpoint.plain(expected), rtol=1e-5, atol=1e-5 * scale
+    )

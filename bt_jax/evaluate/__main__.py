@@ -16,20 +16,16 @@ from bt_jax import interrupts as interrupts_lib
 INTERRUPTS = interrupts_lib.Interrupts(distributed=False)
 INTERRUPTS.enter(interrupts_lib.EVALUATION, "nothing was written")
 
-import json  # noqa: E402
+import json
 
-from absl import (
-    app,  # noqa: E402
-    flags,  # noqa: E402
-    logging,  # noqa: E402
-)
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 from bt_jax import (
-    cli,  # noqa: E402
-    files,  # noqa: E402,F401 - configures the storage clients
+    cli,
+    files,  # noqa: F401 - configures the storage clients
 )
-from bt_jax import config as config_lib  # noqa: E402
+from bt_jax import config as config_lib
 
 FLAGS = flags.FLAGS
 PROTOCOL_NAMES = ("linear", "logreg", "knn", "finetune")

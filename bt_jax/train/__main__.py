@@ -15,18 +15,14 @@ from bt_jax import interrupts as interrupts_lib
 # stops at once, in one line.
 INTERRUPTS = interrupts_lib.Interrupts(distributed=False)
 
-import os  # noqa: E402
+import os
 
-from absl import (
-    app,  # noqa: E402
-    flags,  # noqa: E402
-    logging,  # noqa: E402
-)
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 from bt_jax import (
-    cli,  # noqa: E402
-    files,  # noqa: E402,F401 - configures the storage clients
+    cli,
+    files,  # noqa: F401 - configures the storage clients
 )
 
 FLAGS = flags.FLAGS
