@@ -35,9 +35,8 @@ from bt_jax import (
 )
 from bt_jax import state as state_lib  # noqa: E402
 from bt_jax import step as step_lib  # noqa: E402
-from bt_jax.data import photometric  # noqa: E402
 from bt_jax.metric_logging import read_metrics  # noqa: E402
-from bt_jax.train import view_specs  # noqa: E402
+from bt_jax.train import view_finisher, view_specs  # noqa: E402
 
 CORRELATION_DIMS = 64
 
@@ -64,12 +63,7 @@ def correlation_matrix(config, variables: dict, batch: dict) -> np.ndarray:
     """The leading block of C for one batch, training-mode BatchNorm (as the loss sees it): the
     trainer's own per-epoch picture (bt_jax.step.correlation_block) on one device."""
     mesh = parallel.device_mesh(jax.devices()[:1])
-    finish_views = functools.partial(
-        photometric.finish_views,
-        seed=config.seed,
-        views=view_specs(config.data),
-        photometric=config.data.photometric,
-    )
+    finish_views = view_finisher(config)
     block = parallel.map_step(
         functools.partial(
             step_lib.correlation_block,

@@ -14,7 +14,15 @@ from __future__ import annotations
 
 from typing import Any
 
-_LOOP_NAMES = ("Run", "Stopped", "check", "prefetch", "train_and_evaluate", "view_specs")
+_LOOP_NAMES = (
+    "Run",
+    "Stopped",
+    "check",
+    "prefetch",
+    "train_and_evaluate",
+    "view_finisher",
+    "view_specs",
+)
 
 
 def __getattr__(name: str) -> Any:

@@ -53,6 +53,17 @@ def view_specs(data_config: ml_collections.ConfigDict) -> dict[str, data.ViewSpe
     }
 
 
+def view_finisher(config: ml_collections.ConfigDict) -> Callable[[dict], dict]:
+    """``batch -> {"view_a", "view_b"}`` on the device: the step's end of the input pipeline
+    (normalisation, and the photometric ops when ``data.photometric == "device"``)."""
+    return functools.partial(
+        photometric.finish_views,
+        seed=config.seed,
+        views=view_specs(config.data),
+        photometric=config.data.photometric,
+    )
+
+
 def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
     """Keeps ``size`` batches in flight: transfers are asynchronous, so the next batches are
     copied to the devices while the current step runs."""
@@ -232,12 +243,7 @@ def _loop(
 ) -> Any:
     """Steps ``start_step + 1 .. total_steps`` with their periodic actions; the final state."""
     config = run.config
-    finish_views = functools.partial(
-        photometric.finish_views,
-        seed=config.seed,
-        views=view_specs(config.data),
-        photometric=config.data.photometric,
-    )
+    finish_views = view_finisher(config)
     step_fn = parallel.map_step(
         functools.partial(
             step_lib.train_step,
