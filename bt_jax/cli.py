@@ -143,11 +143,29 @@ def _one_line_thread_error(args: threading.ExceptHookArgs) -> None:
     sys.stderr.write(f"warning: {name} failed: {describe(args.exc_value)}\n")
 
 
+class _OnceEachUnraisable:
+    """``sys.unraisablehook`` while a CLI runs: native libraries report failed callbacks through
+    it (tensorstore, when an asynchronous write ends after orbax closed its event loop: once per
+    pending write, a thousand tracebacks when the disk fills). One warning line for each
+    distinct message instead; the main thread's ``error:`` line says what it means for the run.
+    """
+
+    def __init__(self):
+        self.seen: set[str] = set()
+
+    def __call__(self, unraisable) -> None:
+        message = f"{unraisable.exc_type.__name__}: {unraisable.exc_value}"
+        if message not in self.seen:
+            self.seen.add(message)
+            sys.stderr.write(f"warning: a library callback failed: {message}\n")
+
+
 def run(main: Callable[[], int | None], *, verbose: bool | None = None) -> NoReturn:
     """Runs ``main()`` and exits with its status; errors become one ``error:`` line."""
     verbose = verbose_requested() if verbose is None else verbose
     if not verbose:
         threading.excepthook = _one_line_thread_error
+        sys.unraisablehook = _OnceEachUnraisable()
     try:
         status = main()
     except SystemExit:

@@ -396,3 +396,37 @@ def test_disk_full_is_one_line_naming_the_last_complete_checkpoint(tmp_path):
         assert len(result.stderr.splitlines()) < 40
     finally:
         subprocess.run(["umount", "-l", str(mount)])
+
+
+# The disk-full run above shows this only when a write is still pending as orbax closes its
+# event loop (a race); here the same tensorstore callback fails every time.
+LATE_STORAGE_CALLBACKS = """
+import asyncio
+import tensorstore as ts
+from bt_jax import cli
+
+def main():
+    for _ in range(50):
+        promise, pending_write = ts.Promise.new()
+        loop = asyncio.new_event_loop()
+
+        async def wait():
+            await pending_write
+
+        loop.create_task(wait())
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+        promise.set_result(None)  # its callback calls the closed loop: RuntimeError
+    raise OSError(28, "No space left on device")
+
+cli.run(main)
+"""
+
+
+def test_late_storage_callbacks_after_a_failed_save_are_one_warning_not_tracebacks():
+    result = run_cli([sys.executable, "-c", LATE_STORAGE_CALLBACKS])
+    assert_one_line_error(result, r"No space left on device")
+    warnings = [line for line in result.stderr.splitlines() if "Event loop is closed" in line]
+    assert warnings == ["warning: a library callback failed: RuntimeError: Event loop is closed"], (
+        result.stderr[-3000:]
+    )
