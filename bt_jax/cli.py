@@ -103,6 +103,49 @@ def parse_flags(argv: list[str]) -> list[str]:
         bad_flags(error, argv)
 
 
+def define_pod_flags(distributed_help: str) -> None:
+    """The flags every pod command shares: --distributed and its arguments, --verbose."""
+    from absl import flags
+
+    flags.DEFINE_bool("distributed", False, distributed_help)
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+    flags.DEFINE_integer("num_processes", None, "Number of processes.")
+    flags.DEFINE_integer("process_id", None, "This process's index.")
+    flags.DEFINE_integer(
+        "heartbeat_timeout_seconds",
+        60,
+        "With --distributed: a process that dies or freezes stops the others within about "
+        "this long (JAX's default is 100).",
+    )
+    flags.DEFINE_bool("verbose", False, "Show tracebacks (for bug reports).")
+
+
+def initialize_distributed_if_asked(interrupts) -> None:
+    """``jax.distributed.initialize`` when --distributed or --coordinator_address is given;
+    from then on SIGTERM goes to JAX's preemption notifier (bt_jax.interrupts)."""
+    from absl import flags
+
+    from bt_jax import parallel
+
+    values = flags.FLAGS
+    if not (values.distributed or values.coordinator_address):
+        return
+    interrupts.hand_sigterm_to_jax()
+    parallel.initialize_distributed(
+        values.coordinator_address,
+        values.num_processes,
+        values.process_id,
+        values.heartbeat_timeout_seconds,
+    )
+
+
+def refuse_arguments(argv: list[str]) -> None:
+    """absl's leftover positional arguments: exit 2 in one line."""
+    if len(argv) > 1:
+        sys.stderr.write(f"error: unexpected arguments {argv[1:]}; flags are --name=value.\n")
+        sys.exit(2)
+
+
 def _exit(status: int) -> NoReturn:
     """sys.exit for success; os._exit after an error, once the error line is out.
 

@@ -30,6 +30,24 @@ class TrainState:
     probe_params: Any  # the online probe ({"kernel": [F, C], "bias": [C]}; {} without labels)
     probe_opt_state: Any
 
+    @classmethod
+    def create(
+        cls,
+        variables: dict,
+        tx: optax.GradientTransformation,
+        probe_params: Any,
+        probe_tx: optax.GradientTransformation,
+    ) -> TrainState:
+        """Step 0 from the model's ``{"params", "batch_stats"}`` and the probe's parameters."""
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=variables["params"],
+            batch_stats=variables["batch_stats"],
+            opt_state=tx.init(variables["params"]),
+            probe_params=probe_params,
+            probe_opt_state=probe_tx.init(probe_params),
+        )
+
 
 def build_model(
     config: ml_collections.ConfigDict, axis_name: str | None = AXIS
@@ -83,15 +101,7 @@ def init_state(
     images = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
     variables = init_model.init(jax.random.key(config.seed), images, train=False)
     probe_params = probe.init_params(model.backbone.num_features, num_classes)
-    probe_tx = probe.optimizer(config.probe)
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=variables["params"],
-        batch_stats=variables["batch_stats"],
-        opt_state=tx.init(variables["params"]),
-        probe_params=probe_params,
-        probe_opt_state=probe_tx.init(probe_params),
-    )
+    return TrainState.create(variables, tx, probe_params, probe.optimizer(config.probe))
 
 
 def variables_of(state: TrainState, part: str | None = "backbone") -> dict:

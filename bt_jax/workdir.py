@@ -25,7 +25,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from bt_jax import checkpoint, files
+from bt_jax import checkpoint, files, saved_config
 from bt_jax import config as config_lib
 
 CONFIG_FILE = "config.json"
@@ -47,7 +47,7 @@ def read_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
             f"{path} does not exist: {workdir} is not a bt_jax run directory. Pass the --workdir "
             "of a pretraining run."
         )
-    return config_lib.from_saved(files.read_json(path), where=str(path))
+    return saved_config.from_saved(files.read_json(path), where=str(path))
 
 
 def check_resumable(workdir: epath.PathLike, config: ml_collections.ConfigDict) -> None:

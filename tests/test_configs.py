@@ -6,6 +6,7 @@ import json
 import pytest
 
 from bt_jax import config as config_lib
+from bt_jax import saved_config
 from experiments.configs import ablations
 
 RECIPES = [
@@ -124,7 +125,7 @@ def test_a_run_written_in_the_flat_layout_is_mapped_onto_the_groups():
         "blur_probabilities": [1.0, 0.5],
         "eval": {"knn_k": 20},
     }
-    config = config_lib.from_saved(json.loads(json.dumps(flat)), where="config.json")
+    config = saved_config.from_saved(json.loads(json.dumps(flat)), where="config.json")
     assert (config.seed, config.data.dataset, config.data.image_size) == (3, "idx", 28)
     assert (config.model.name, config.model.width, config.model.projector) == (
         "resnet34",
@@ -144,4 +145,4 @@ def test_a_run_written_in_the_flat_layout_is_mapped_onto_the_groups():
     assert config.data.blur_probabilities == (1.0, 0.5) and config.eval.knn_k == 20
     assert config.model.stem == "cifar"  # a key the run lacks keeps today's default
     with pytest.raises(config_lib.ConfigError, match="config.no_such_key"):
-        config_lib.from_saved({**flat, "no_such_key": 1}, where="config.json")
+        saved_config.from_saved({**flat, "no_such_key": 1}, where="config.json")

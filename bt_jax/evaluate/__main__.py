@@ -50,22 +50,10 @@ def define_flags() -> None:
         False,
         "Re-estimate the backbone's BatchNorm statistics on training images before evaluating.",
     )
-    flags.DEFINE_bool(
-        "distributed",
-        False,
-        "Call jax.distributed.initialize() (every host of "
-        "a pod runs this command; the work is split over all their devices).",
+    cli.define_pod_flags(
+        "Call jax.distributed.initialize() (every host of a pod runs this command; the work "
+        "is split over all their devices)."
     )
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-    flags.DEFINE_integer("num_processes", None, "Number of processes.")
-    flags.DEFINE_integer("process_id", None, "This process's index.")
-    flags.DEFINE_integer(
-        "heartbeat_timeout_seconds",
-        60,
-        "With --distributed: a process that "
-        "dies or freezes stops the others within about this long.",
-    )
-    flags.DEFINE_bool("verbose", False, "Show tracebacks (for bug reports).")
     # Today's defaults stand in for the run's config only to parse --config.GROUP.KEY=VALUE
     # overrides, which are applied over the run's config.json.
     config_flags.DEFINE_config_dict(
@@ -94,22 +82,11 @@ def overrides() -> dict:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        sys.stderr.write(f"error: unexpected arguments {argv[1:]}; flags are --name=value.\n")
-        sys.exit(2)
+    cli.refuse_arguments(argv)
     logging.get_absl_handler().addFilter(cli.LibraryLogFilter(verbose=FLAGS.verbose))
 
     def run() -> int:
-        if FLAGS.distributed or FLAGS.coordinator_address:
-            from bt_jax import parallel
-
-            INTERRUPTS.hand_sigterm_to_jax()
-            parallel.initialize_distributed(
-                FLAGS.coordinator_address,
-                FLAGS.num_processes,
-                FLAGS.process_id,
-                FLAGS.heartbeat_timeout_seconds,
-            )
+        cli.initialize_distributed_if_asked(INTERRUPTS)
         import jax
 
         from bt_jax import evaluate

@@ -28,8 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bt_jax import config as config_lib
-from bt_jax import data, features, parallel
+from bt_jax import data, features, parallel, saved_config
 from bt_jax import state as state_lib
 from bt_jax.data import photometric
 from bt_jax.evaluate.context import Context
@@ -51,7 +50,7 @@ def _init_backbone(config) -> dict:
 
 @functools.lru_cache(maxsize=2)
 def _cached_init(fields: str) -> dict:
-    config = config_lib.from_saved(json.loads(fields), where="the run's config")
+    config = saved_config.from_saved(json.loads(fields), where="the run's config")
     # Jitted (one compilation, not one per eager op) without XLA's backend optimisations:
     # compiling the ~100 threefry normal draws of a ResNet-18 takes 9.5 s at the default level
     # and 1.5 s at level 0 on a CPU, and this program runs once.

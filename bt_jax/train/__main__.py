@@ -42,46 +42,18 @@ def define_flags() -> None:
         "runs/default",
         "Where checkpoints and logs go: a local folder or gs://bucket/path.",
     )
-    flags.DEFINE_bool(
-        "distributed",
-        False,
-        "Call jax.distributed.initialize() (one process per host); the "
-        "arguments come from the cluster environment or the flags below.",
-    )
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-    flags.DEFINE_integer("num_processes", None, "Number of processes.")
-    flags.DEFINE_integer("process_id", None, "This process's index.")
-    flags.DEFINE_integer(
-        "heartbeat_timeout_seconds",
-        60,
-        "With --distributed: a process that dies or freezes "
-        "stops the others within about this long (JAX's default is 100).",
-    )
-    flags.DEFINE_bool("verbose", False, "Show tracebacks (for bug reports).")
-
-
-def initialize_distributed() -> None:
-    from bt_jax import parallel
-
-    # SIGTERM goes to JAX's preemption notifier, which initialize installs (bt_jax.interrupts).
-    INTERRUPTS.hand_sigterm_to_jax()
-    parallel.initialize_distributed(
-        FLAGS.coordinator_address,
-        FLAGS.num_processes,
-        FLAGS.process_id,
-        FLAGS.heartbeat_timeout_seconds,
+    cli.define_pod_flags(
+        "Call jax.distributed.initialize() (one process per host); the arguments come from "
+        "the cluster environment or the flags below."
     )
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        sys.stderr.write(f"error: unexpected arguments {argv[1:]}; flags are --name=value.\n")
-        sys.exit(2)
+    cli.refuse_arguments(argv)
     logging.get_absl_handler().addFilter(cli.LibraryLogFilter(verbose=FLAGS.verbose))
 
     def run() -> int:
-        if FLAGS.distributed or FLAGS.coordinator_address:
-            initialize_distributed()
+        cli.initialize_distributed_if_asked(INTERRUPTS)
         import jax
 
         from bt_jax.train import loop  # JAX, Flax, TensorFlow: after the handlers are in place

@@ -171,14 +171,7 @@ def full_runner(
     probe_params = probe.init_params(
         model.backbone.num_features, NUM_CLASSES if probe_enabled else None
     )
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=variables["params"],
-        batch_stats=variables["batch_stats"],
-        opt_state=tx.init(variables["params"]),
-        probe_params=probe_params,
-        probe_opt_state=probe_tx.init(probe_params),
-    )
+    state = TrainState.create(variables, tx, probe_params, probe_tx)
     state = jax.device_put(state, parallel.replicated(mesh))
     step_fn = functools.partial(
         step_lib.train_step,
