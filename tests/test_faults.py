@@ -430,3 +430,22 @@ def test_late_storage_callbacks_after_a_failed_save_are_one_warning_not_tracebac
     assert warnings == ["warning: a library callback failed: RuntimeError: Event loop is closed"], (
         result.stderr[-3000:]
     )
+
+
+def test_a_bad_value_is_refused_before_tensorflow_loads(tmp_path):
+    result = run_cli(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "bt_jax.train",
+            f"--workdir={tmp_path / 'run'}",
+            "--config.optim.learning_rate_weights=-0.2",
+        ]
+    )
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
+    assert "bt_jax.config" in imported, result.stderr[-2000:]
+    assert "tensorflow" not in imported and "bt_jax.train.loop" not in imported
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    assert result.returncode == 1 and lines[-1].startswith("error: config.optim.learning_rate")

@@ -20,10 +20,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bt_jax import (
-    cli,
-    files,  # noqa: F401 - configures the storage clients
-)
+from bt_jax import cli, files  # files also configures the storage clients
+from bt_jax import config as config_lib
 
 FLAGS = flags.FLAGS
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "config.py")
@@ -53,6 +51,10 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(cli.LibraryLogFilter(verbose=FLAGS.verbose))
 
     def run() -> int:
+        # The checks that need neither TensorFlow nor the data: a mistyped value is one line
+        # in a second, not after the trainer's imports (the loop checks again, for API users).
+        config_lib.validate(FLAGS.config)
+        files.check_usable(FLAGS.workdir, what="The workdir")
         cli.initialize_distributed_if_asked(INTERRUPTS)
         import jax
 
