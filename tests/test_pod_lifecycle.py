@@ -125,40 +125,43 @@ def assert_same_parameters(workdir, reference):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One process, 4 devices, uninterrupted: the parameters every pod run must end with, and
-    those of its checkpoint at step 4."""
+    """One process, 4 devices, uninterrupted: the parameters every pod run must end with."""
     workdir = str(tmp_path_factory.mktemp("reference") / "run")
     job = Job(workdir, 1, 4)
     assert job.wait() == [0], job.stderr[0][-3000:]
     params = restore_params(workdir)[0]
-    # The parameters moved far more than the tolerance: the comparisons are not of init states.
-    initial = checkpoint.read_variables(workdir, 4, part=None)["params"]  # after 4 steps
+    # The parameters moved far more than the tolerance after step 4: the comparison is not of
+    # near-initial states.
+    after_4 = checkpoint.read_variables(workdir, 4, part=None)["params"]
     moved = max(
         float(np.max(np.abs(a - b)))
-        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(initial))
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(after_4))
     )
     assert moved > 1e-3
-    return params, initial
+    return params
 
 
 def test_a_pod_job_through_preemptions_a_lost_host_and_restarts_to_the_end_of_the_run(
     reference, tmp_path
 ):
-    """One workdir through SIGTERM to every process, SIGTERM to one process, and SIGKILL of one
-    process, each followed by the same command again, then through the remaining epochs to the
-    end of the run: export and the end-of-run evaluation on both processes."""
+    """One workdir through SIGTERM to every process (4 processes x 1 device), SIGTERM to one
+    process and SIGKILL of one process (2 x 2), each followed by the same command again, then
+    through the remaining epochs to the end of the run: export and the end-of-run evaluation on
+    both processes."""
     workdir = str(tmp_path / "pod")
     started = time.time()
-    # 1. A preemption of every host: both stop at the same step, save it, exit 0.
-    job = Job(workdir, 2, 2, eval__at_end=True)
+    # 1. A preemption of every host, on another factorisation of the same 4 devices (4
+    # processes of 1 device): all stop at the same step, save it, exit 0; the later starts
+    # resume it as 2 processes of 2 devices.
+    job = Job(workdir, 4, 1, eval__at_end=True)
     job.wait_for_step(2)
     sent = job.signal(signal.SIGTERM)
-    assert job.wait() == [0, 0], job.stderr
+    assert job.wait() == [0, 0, 0, 0], job.stderr
     first = [stopped_step(s) for s in job.stderr]
-    assert first[0] is not None and first[0] == first[1], job.stderr
+    assert first[0] is not None and len(set(first)) == 1, job.stderr
     assert os.path.isdir(os.path.join(workdir, "checkpoints", str(first[0])))
     print(
-        f"\nSIGTERM to both: stopped at step {first[0]}, both exited "
+        f"\nSIGTERM to all 4 processes of 1 device: stopped at step {first[0]}, all exited "
         f"{max(job.exited_at) - sent:.1f} s after the signal"
     )
 
@@ -194,8 +197,8 @@ def test_a_pod_job_through_preemptions_a_lost_host_and_restarts_to_the_end_of_th
     # epochs, exports and evaluates on both processes.
     job = Job(workdir, 2, 2, eval__at_end=True)
     assert job.wait() == [0, 0], job.stderr
-    print(f"The whole job, 4 starts of 2 processes x 2 devices: {time.time() - started:.1f} s")
-    assert_same_parameters(workdir, reference[0])
+    print(f"The whole job, 4 starts (4 x 1, then 2 x 2 devices): {time.time() - started:.1f} s")
+    assert_same_parameters(workdir, reference)
     records = metric_logging.read_metrics(workdir)
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == list(range(1, TOTAL_STEPS + 1))  # every step logged exactly once
@@ -216,19 +219,3 @@ def test_a_pod_job_through_preemptions_a_lost_host_and_restarts_to_the_end_of_th
     # Both processes evaluated (each its share), only process 0 printed and wrote.
     assert "kNN top-1" in job.stdout[0] and "kNN top-1" not in job.stdout[1]
     assert not os.path.exists(os.path.join(workdir, "lock.json"))
-
-
-def test_four_processes_of_one_device(reference, tmp_path):
-    """Another factorisation of the same 4 devices: 4 processes of 1 device each, 4 steps (the
-    full lifecycle is the test above; this one shows the sharding holds for any split)."""
-    workdir = str(tmp_path / "pod")
-    job = Job(workdir, 4, 1, max_steps=4)
-    assert job.wait() == [0, 0, 0, 0], job.stderr
-    print(f"\n4x1 run (4 steps): {time.time() - job.started:.1f} s")
-    params, step = restore_params(workdir)
-    assert step == 4
-    expected = reference[1]
-    scale = max(float(np.max(np.abs(b))) for b in jax.tree.leaves(expected))
-    chex.assert_trees_all_close(
-        checkpoint.plain(params), checkpoint.plain(expected), rtol=1e-5, atol=1e-5 * scale
-    )
