@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import chex
@@ -53,6 +54,8 @@ class Job:
         self.workdir = workdir
         command = trainer_command(workdir, **{**RECIPE, **overrides})
         if num_processes > 1:
+            # As `python -m bt_jax.train`, with each program compiled once for all processes.
+            command = [sys.executable, os.path.join(REPO, "tests", "pod_host.py"), *command[3:]]
             port = free_port()
             command += [
                 f"--coordinator_address=127.0.0.1:{port}",
