@@ -165,11 +165,11 @@ def main() -> None:
         )
     )
     model = state_lib.build_model(config, axis_name=None)
-    initial = jax.jit(
+    initial = state_lib.run_once(
         functools.partial(
             state_lib.init_state, config, model, state_lib.build_optimizer(config, steps_per_epoch)
         )
-    )()
+    )
     start = correlation_matrix(config, state_lib.variables_of(initial, part=None), batch)
     last_step = curve[-1]["step"]
     end = correlation_matrix(

@@ -12,6 +12,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same small programs, in this process and in the subprocesses they
 # start (which inherit the environment): a persistent compilation cache compiles each once.
 # In this checkout's .pytest_cache: a clean clone (CI) starts cold, as the timings in the README.
+# Subprocess tests run on 8 devices, as this process does, so that a subprocess and an in-process
+# run of the same config are one program, compiled once.
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR",
     os.path.join(os.path.dirname(os.path.dirname(__file__)), ".pytest_cache", "jax_compilation"),

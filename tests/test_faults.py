@@ -7,6 +7,7 @@ disk afterwards.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,7 +24,7 @@ from bt_jax import workdir as workdir_lib
 from bt_jax.train import loop
 
 
-def run_cli(args, *, cwd=REPO, devices=1, timeout=300, **env):
+def run_cli(args, *, cwd=REPO, devices=8, timeout=300, **env):
     return subprocess.run(
         args,
         cwd=cwd,
@@ -37,8 +38,6 @@ def run_cli(args, *, cwd=REPO, devices=1, timeout=300, **env):
 def assert_one_line_error(result, pattern, status=1):
     """The command failed with ``status`` and its last stderr line is ``error: ...pattern...``,
     with no traceback anywhere."""
-    import re
-
     lines = result.stderr.strip().splitlines()
     assert result.returncode == status, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
@@ -252,7 +251,7 @@ def test_ctrl_c_during_start_up_is_one_line_never_a_crash(tmp_path, delay):
     process = subprocess.Popen(
         train_cli(workdir),
         cwd=REPO,
-        env=subprocess_env(2),
+        env=subprocess_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -263,8 +262,9 @@ def test_ctrl_c_during_start_up_is_one_line_never_a_crash(tmp_path, delay):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode in (0, 130), stderr[-3000:]  # 0: it had already finished
     assert "Traceback" not in stderr and "Segmentation" not in stderr
-    if process.returncode == 130:
-        assert "stopped by SIGINT during" in stderr.strip().splitlines()[-1]
+    if process.returncode == 130:  # during start-up, or (a warm compilation cache) in training
+        last = stderr.strip().splitlines()[-1]
+        assert re.search(r"stopped by SIGINT during|Stopped by a signal at step \d+", last), last
     assert not (workdir / workdir_lib.LOCK_FILE).exists()
 
 
@@ -273,7 +273,7 @@ def test_ctrl_c_during_the_end_of_run_evaluation_stops_and_can_be_rerun(tmp_path
     process = subprocess.Popen(
         train_cli(workdir, max_steps=2),
         cwd=REPO,
-        env=subprocess_env(2),
+        env=subprocess_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

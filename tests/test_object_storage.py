@@ -99,7 +99,7 @@ def test_a_run_lives_in_the_bucket_through_a_kill_a_resume_and_an_evaluation(
             "--baselines=false",
         ],
         cwd=tmp_path,
-        env=cli_env(1),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=600,

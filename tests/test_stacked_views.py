@@ -202,10 +202,10 @@ def test_the_step_in_one_call_equals_two_calls(float64):
     batch = parallel.global_batch(fake_batches(config, 1)[0], mesh)
     results = []
     for one_call in (False, True):
-        state = jax.jit(
+        state = state_lib.run_once(
             functools.partial(state_lib.init_state, config, model, tx, 10),
             out_shardings=parallel.replicated(mesh),
-        )()
+        )
         step_fn = parallel.map_step(
             functools.partial(step_function(config, model, tx), views_in_one_call=one_call), mesh
         )

@@ -52,10 +52,10 @@ def run_steps(config, batches, parallelism, devices):
     mesh = parallel.device_mesh(devices)
     model = state_lib.build_model(config)
     tx = state_lib.build_optimizer(config, steps_per_epoch=10)
-    state = jax.jit(
+    state = state_lib.run_once(
         functools.partial(state_lib.init_state, config, model, tx, 10),
         out_shardings=parallel.replicated(mesh),
-    )()
+    )
     step_fn = parallel.map_step(step_function(config, model, tx), mesh, parallelism)
     key = jax.random.key(0)
     for batch in batches:
@@ -85,14 +85,14 @@ def test_eight_devices_equal_one_device_and_pmap_equals_shard_map():
     }
     # The parameters did move: the comparison is not between initial states.
     initial = jax.device_get(
-        jax.jit(
+        state_lib.run_once(
             functools.partial(
                 state_lib.init_state,
                 config,
                 state_lib.build_model(config),
                 state_lib.build_optimizer(config, steps_per_epoch=10),
             )
-        )().params
+        ).params
     )
     moved = [
         float(np.max(np.abs(a - b)))
@@ -118,10 +118,10 @@ def test_correlation_block_is_replicated_and_is_c():
     mesh = parallel.device_mesh()
     model = state_lib.build_model(config)
     tx = state_lib.build_optimizer(config, steps_per_epoch=10)
-    state = jax.jit(
+    state = state_lib.run_once(
         functools.partial(state_lib.init_state, config, model, tx, 10),
         out_shardings=parallel.replicated(mesh),
-    )()
+    )
     batch = fake_batches(config, 1)[0]
     batch["view_b"] = batch["view_a"]  # identical views: C's diagonal is 1
     correlation = parallel.map_step(

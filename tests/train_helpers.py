@@ -55,10 +55,10 @@ def restore_state(workdir):
     config = workdir_lib.read_config(workdir)
     model = state_lib.build_model(config)
     tx = state_lib.build_optimizer(config, steps_per_epoch=5)
-    target = jax.jit(
+    target = state_lib.run_once(
         functools.partial(state_lib.init_state, config, model, tx, 10),
         out_shardings=parallel.replicated(parallel.device_mesh()),
-    )()
+    )
     manager = checkpoint.open_manager(workdir, keep=100)
     try:
         state, restored = checkpoint.restore(

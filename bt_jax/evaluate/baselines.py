@@ -51,11 +51,7 @@ def _init_backbone(config) -> dict:
 @functools.lru_cache(maxsize=2)
 def _cached_init(fields: str) -> dict:
     config = saved_config.from_saved(json.loads(fields), where="the run's config")
-    # Jitted (one compilation, not one per eager op) without XLA's backend optimisations:
-    # compiling the ~100 threefry normal draws of a ResNet-18 takes 9.5 s at the default level
-    # and 1.5 s at level 0 on a CPU, and this program runs once.
-    init = jax.jit(functools.partial(_init_backbone, config)).lower()
-    return jax.device_get(init.compile({"xla_backend_optimization_level": 0})())
+    return jax.device_get(state_lib.run_once(functools.partial(_init_backbone, config)))
 
 
 def random_init(config) -> dict:
@@ -74,9 +70,21 @@ def fan_in_init(config) -> dict:
     flat = flax.traverse_util.flatten_dict(variables["params"])
     key = jax.random.fold_in(jax.random.key(config.seed), FAN_IN_SALT)
     initializer = jax.nn.initializers.lecun_normal()
-    for i, (path, value) in enumerate(sorted(flat.items())):
-        if path[-1] == "kernel" and np.ndim(value) == 4:
-            flat[path] = np.asarray(initializer(jax.random.fold_in(key, i), value.shape))
+    # Each kernel keyed by its index in the sorted parameter paths; drawn in one program.
+    kernels = {
+        path: (i, value.shape)
+        for i, (path, value) in enumerate(sorted(flat.items()))
+        if path[-1] == "kernel" and np.ndim(value) == 4
+    }
+    drawn = state_lib.run_once(
+        lambda: {
+            path: initializer(jax.random.fold_in(key, i), shape)
+            for path, (i, shape) in kernels.items()
+        }
+    )
+    for path, value in flat.items():
+        if path in kernels:
+            flat[path] = np.asarray(drawn[path])
         elif path[-1] == "scale":
             flat[path] = np.ones_like(value)
     return {

@@ -160,10 +160,10 @@ def _train_holding_the_lease(run: Run, interrupts: interrupts_lib.Interrupts) ->
         if run.eval_source and config.probe.enabled and run.source.num_classes
         else None
     )
-    state = jax.jit(
+    state = state_lib.run_once(
         functools.partial(state_lib.init_state, config, model, tx, num_classes),
         out_shardings=parallel.replicated(mesh),
-    )()
+    )
 
     manager = checkpoint.open_manager(workdir, keep=config.checkpoint.keep)
     identity = config_lib.resume_identity(config)
