@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -223,7 +224,7 @@ def _train_holding_the_lease(run: Run, interrupts: interrupts_lib.Interrupts) ->
                 run.total_steps,
             )
     finally:
-        manager.close()
+        _close(manager, failing=sys.exc_info()[1] is not None)
         if logger is not None:
             logger.close()
     return state
@@ -361,7 +362,10 @@ def _loop(
         logger.advance()
         for every, action, at_last_step in actions:
             if step % every == 0 or (at_last_step and step == run.total_steps):
-                action(step)
+                try:
+                    action(step)
+                except OSError as error:  # a full disk fails the metrics' write first, too
+                    raise _save_failed(manager, step, error, "Writing the logs") from None
         if step < run.total_steps and interrupts.stop_requested(step):
             save(step)
             _finish_saves(manager, step)
@@ -374,7 +378,9 @@ def _loop(
     return current["state"]
 
 
-def _save_failed(manager, step: int, error: Exception) -> checkpoint.CheckpointError:
+def _save_failed(
+    manager, step: int, error: Exception, what: str = "Saving the checkpoint"
+) -> checkpoint.CheckpointError:
     """One line: what failed, why, and which checkpoint is the last complete one."""
     try:
         manager.wait_until_finished()
@@ -388,9 +394,20 @@ def _save_failed(manager, step: int, error: Exception) -> checkpoint.CheckpointE
         else "no checkpoint is complete"
     )
     return checkpoint.CheckpointError(
-        f"Saving the checkpoint of step {step} failed: {cli.describe(error)} Training stopped; "
+        f"{what} of step {step} failed: {cli.describe(error)} Training stopped; "
         f"{kept}. Free space or fix the storage, then run the same command to resume."
     )
+
+
+def _close(manager, failing: bool) -> None:
+    """Closes the manager. Orbax's close raises a failed background save's error again: after a
+    failure it must not replace the one-line error already on its way (it names the last
+    complete checkpoint)."""
+    try:
+        manager.close()
+    except Exception:  # noqa: BLE001 - the error in flight says what went wrong
+        if not failing:
+            raise
 
 
 def _finish_saves(manager, step: int) -> None:
