@@ -1,6 +1,7 @@
 """The model, the optimiser and the training state, built from the config.
 
-Pure construction: nothing here touches devices or files. The trainer places the state
+Pure construction (and :func:`run_once`, which compiles a program that runs once, such as the
+initialisation): nothing here touches files. The trainer places the state
 (``bt_jax.parallel``), the evaluation rebuilds the run's step-0 backbone as its random-init
 baseline from the same :func:`init_state`.
 """
@@ -107,7 +108,7 @@ def init_state(
 
 # An initialisation is ~100 threefry normal draws that run once: XLA's CPU backend compiles the
 # ResNet-18 state in ~8 s at its default optimisation level and ~2.6 s at level 1, with the same
-# bits (tests/test_models.py checks it; level 0 differs by an ulp). Accelerators keep theirs.
+# bits (tests/test_evaluate.py checks it; level 0 differs by an ulp). Accelerators keep theirs.
 CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
