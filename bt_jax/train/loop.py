@@ -336,6 +336,12 @@ def _loop(
             raise _save_failed(manager, step, error) from None
         logger.checkpoint_saved(step)
 
+    def act(action: Callable[[int], None], step: int) -> None:
+        try:
+            action(step)
+        except OSError as error:  # a full disk fails the metrics' write first, too
+            raise _save_failed(manager, step, error, "Writing the logs") from None
+
     # (every so many steps, what, also at the last step)
     actions: list[tuple[int, Callable[[int], None], bool]] = [
         (config.logging.every_steps, log, True),
@@ -362,12 +368,9 @@ def _loop(
         logger.advance()
         for every, action, at_last_step in actions:
             if step % every == 0 or (at_last_step and step == run.total_steps):
-                try:
-                    action(step)
-                except OSError as error:  # a full disk fails the metrics' write first, too
-                    raise _save_failed(manager, step, error, "Writing the logs") from None
+                act(action, step)
         if step < run.total_steps and interrupts.stop_requested(step):
-            save(step)
+            act(save, step)
             _finish_saves(manager, step)
             logging.warning(
                 "Stopped by a signal at step %d; the checkpoint is saved. Run the "
