@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from test_conv import assert_close
 from test_train_step import fake_batches, step_function
-from train_helpers import tiny_config
+from train_helpers import step_0_state, tiny_config
 
 from bt_jax import loss as loss_lib
 from bt_jax import models, parallel
@@ -202,10 +202,7 @@ def test_the_step_in_one_call_equals_two_calls(float64):
     batch = parallel.global_batch(fake_batches(config, 1)[0], mesh)
     results = []
     for one_call in (False, True):
-        state = state_lib.run_once(
-            functools.partial(state_lib.init_state, config, model, tx, 10),
-            out_shardings=parallel.replicated(mesh),
-        )
+        state = step_0_state(config, model, tx, mesh)
         step_fn = parallel.map_step(
             functools.partial(step_function(config, model, tx), views_in_one_call=one_call), mesh
         )

@@ -6,7 +6,7 @@ import chex
 import jax
 import numpy as np
 import pytest
-from train_helpers import tiny_config
+from train_helpers import step_0_state, tiny_config
 
 from bt_jax import parallel, probe
 from bt_jax import state as state_lib
@@ -52,10 +52,7 @@ def run_steps(config, batches, parallelism, devices):
     mesh = parallel.device_mesh(devices)
     model = state_lib.build_model(config)
     tx = state_lib.build_optimizer(config, steps_per_epoch=10)
-    state = state_lib.run_once(
-        functools.partial(state_lib.init_state, config, model, tx, 10),
-        out_shardings=parallel.replicated(mesh),
-    )
+    state = step_0_state(config, model, tx, mesh)
     step_fn = parallel.map_step(step_function(config, model, tx), mesh, parallelism)
     key = jax.random.key(0)
     for batch in batches:
@@ -118,10 +115,7 @@ def test_correlation_block_is_replicated_and_is_c():
     mesh = parallel.device_mesh()
     model = state_lib.build_model(config)
     tx = state_lib.build_optimizer(config, steps_per_epoch=10)
-    state = state_lib.run_once(
-        functools.partial(state_lib.init_state, config, model, tx, 10),
-        out_shardings=parallel.replicated(mesh),
-    )
+    state = step_0_state(config, model, tx, mesh)
     batch = fake_batches(config, 1)[0]
     batch["view_b"] = batch["view_a"]  # identical views: C's diagonal is 1
     correlation = parallel.map_step(

@@ -50,15 +50,20 @@ def trainer_command(workdir, **overrides):
     return args
 
 
+def step_0_state(config, model, tx, mesh):
+    """The trainer's step-0 state (a probe of 10 classes), replicated over ``mesh``."""
+    return state_lib.run_once(
+        functools.partial(state_lib.init_state, config, model, tx, 10),
+        out_shardings=parallel.replicated(mesh),
+    )
+
+
 def restore_state(workdir):
     """(TrainState, step) of a run's latest checkpoint, on this process's devices."""
     config = workdir_lib.read_config(workdir)
     model = state_lib.build_model(config)
     tx = state_lib.build_optimizer(config, steps_per_epoch=5)
-    target = state_lib.run_once(
-        functools.partial(state_lib.init_state, config, model, tx, 10),
-        out_shardings=parallel.replicated(parallel.device_mesh()),
-    )
+    target = step_0_state(config, model, tx, parallel.device_mesh())
     manager = checkpoint.open_manager(workdir, keep=100)
     try:
         state, restored = checkpoint.restore(
