@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import sys
 
+from bt_jax import cli
 from bt_jax import interrupts as interrupts_lib
 
 # First, before anything heavy: a signal while the libraries load stops at once, in one line.
 INTERRUPTS = interrupts_lib.Interrupts(distributed=False)
 INTERRUPTS.enter(interrupts_lib.EVALUATION, "nothing was written")
+cli.collect_less()  # before the heavy imports: bt_jax.cli.GC_THRESHOLDS
 
 import json
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bt_jax import (
-    cli,
-    files,  # noqa: F401 - configures the storage clients
-)
 from bt_jax import config as config_lib
+from bt_jax import files  # noqa: F401 - configures the storage clients
 
 FLAGS = flags.FLAGS
 PROTOCOL_NAMES = ("linear", "logreg", "knn", "finetune")
@@ -90,6 +89,8 @@ def main(argv: list[str]) -> None:
         import jax
 
         from bt_jax import evaluate
+
+        cli.freeze_imports()
 
         if FLAGS.all_checkpoints:
             records = evaluate.evaluate_checkpoints(

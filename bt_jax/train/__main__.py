@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import sys
 
+from bt_jax import cli
 from bt_jax import interrupts as interrupts_lib
 
 # First, before anything heavy: a signal while the libraries load or the config file is read
 # stops at once, in one line.
 INTERRUPTS = interrupts_lib.Interrupts(distributed=False)
+cli.collect_less()  # before the heavy imports: bt_jax.cli.GC_THRESHOLDS
 
 import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bt_jax import cli, files  # files also configures the storage clients
 from bt_jax import config as config_lib
+from bt_jax import files  # files also configures the storage clients
 
 FLAGS = flags.FLAGS
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "config.py")
@@ -59,6 +61,8 @@ def main(argv: list[str]) -> None:
         import jax
 
         from bt_jax.train import loop  # JAX, Flax, TensorFlow: after the handlers are in place
+
+        cli.freeze_imports()
 
         logging.info(
             "JAX processes: %d, devices: %d (%d local).",

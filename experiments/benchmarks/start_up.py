@@ -1,0 +1,92 @@
+"""A short trainer run with Python's default garbage collection against bt_jax's settings.
+
+    PYTHONPATH=. python experiments/benchmarks/start_up.py --rounds=3
+
+Each round runs ``python -m bt_jax.train`` twice on the digits (4 steps, width 4, 16 px, no
+end-of-run evaluation), once as it ships (``bt_jax.cli.collect_less`` and ``freeze_imports``)
+and once with Python's default thresholds and no freeze, alternating, in fresh workdirs; both
+load their programs from one JAX compilation cache filled by a first run, so compilation is not
+measured. Prints the medians of wall time and CPU time (user + system, the child processes'
+own accounting) and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FLAGS = [
+    "--config.max_steps=4",
+    "--config.model.width=4",
+    "--config.model.projector=32-32",
+    "--config.data.image_size=16",
+    "--config.data.eval_resize=16",
+    "--config.eval.at_end=false",
+    "--config.logging.every_steps=2",
+    "--config.checkpoint.every_steps=2",
+]
+# The trainer with Python's defaults: bt_jax.cli's settings undone before its __main__ runs.
+DEFAULT_GC = (
+    "import gc, runpy, sys; from bt_jax import cli; "
+    "cli.GC_THRESHOLDS = gc.get_threshold(); cli.freeze_imports = lambda: None; "
+    "sys.argv[0] = 'bt_jax.train'; runpy.run_module('bt_jax.train', run_name='__main__')"
+)
+VARIANTS = {
+    "bt_jax (collect_less, freeze_imports)": [sys.executable, "-m", "bt_jax.train"],
+    "python defaults (700, 10, 10)": [sys.executable, "-c", DEFAULT_GC],
+}
+
+
+def run_once(command: list[str], env: dict) -> tuple[float, float]:
+    """(wall s, CPU s) of one trainer run in a fresh workdir."""
+    with tempfile.TemporaryDirectory() as workdir:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        subprocess.run(
+            [*command, f"--workdir={workdir}/run", *FLAGS],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(
+            os.environ,
+            JAX_PLATFORMS="cpu",
+            TF_CPP_MIN_LOG_LEVEL="2",
+            JAX_COMPILATION_CACHE_DIR=cache,
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
+        )
+        run_once(next(iter(VARIANTS.values())), env)  # fills the compilation cache
+        times = {name: [] for name in VARIANTS}
+        for _ in range(args.rounds):
+            for name, command in VARIANTS.items():
+                times[name].append(run_once(command, env))
+    baseline = statistics.median(cpu for _, cpu in times["python defaults (700, 10, 10)"])
+    print("| garbage collection | wall s (median) | CPU s (median) | CPU vs defaults |")
+    print("| --- | --- | --- | --- |")
+    for name, runs in times.items():
+        wall = statistics.median(w for w, _ in runs)
+        cpu = statistics.median(c for _, c in runs)
+        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {cpu / baseline:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
