@@ -123,6 +123,22 @@ def test_topk_accuracy():
     assert result == {"top1": 1 / 3, "top2": 2 / 3, "top5": 1.0}
 
 
+def test_the_summary_line_names_every_label_subset_and_skips_what_has_no_accuracy():
+    results = {
+        "knn": {"pretrained": {"top1": 0.5}, "random_init": {"top1": 0.25}},
+        "logreg": {"pretrained": {"top1": 0.9}, "raw_pixels": {"skipped": "too large"}},
+        "finetune": {
+            "pretrained": {"1%": {"top1": 0.577, "num_labelled": 600}, "10%": {"top1": 0.8}},
+            "random_init": {"1%": {"top1": 0.344}, "10%": {"top1": 0.6}},
+        },
+    }
+    assert ev.summary_line(results) == (
+        "kNN top-1 50.0% (random init 25.0%) | linear probe (logreg) top-1 90.0% | "
+        "fine-tune 1% top-1 57.7% (random init 34.4%) | "
+        "fine-tune 10% top-1 80.0% (random init 60.0%)"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Config, label subsets, errors that need no run.
 

@@ -21,19 +21,30 @@ NAMES = {
 
 def summary_line(results: Mapping[str, Mapping[str, Any]]) -> str:
     """ "linear probe (logreg) top-1 91.2% (random init 62.0%, ...) | kNN top-1 ..." from
-    {protocol: {"pretrained": {...}, "random_init": {...}, ...}}."""
+    {protocol: {"pretrained": {...}, "random_init": {...}, ...}}; a protocol with label
+    subsets ({"pretrained": {"1%": {...}, "10%": {...}}, ...}) gives one part per subset."""
     parts = []
     for protocol, settings in results.items():
         pretrained = settings.get("pretrained", {})
-        if "top1" not in pretrained:
-            continue
-        text = f"{NAMES.get(protocol, protocol)} top-1 {pretrained['top1']:.1%}"
-        others = [
-            f"{name.replace('_', ' ')} {value['top1']:.1%}"
-            for name, value in settings.items()
-            if name != "pretrained" and isinstance(value, Mapping) and "top1" in value
-        ]
-        parts.append(text + (f" ({', '.join(others)})" if others else ""))
+        subsets = {"": None} if "top1" in pretrained else dict.fromkeys(pretrained)
+        for subset in subsets:
+
+            def top1(value, subset=subset):
+                value = value.get(subset) if subset else value
+                return value.get("top1") if isinstance(value, Mapping) else None
+
+            if top1(pretrained) is None:
+                continue
+            name = f"{NAMES.get(protocol, protocol)}{f' {subset}' if subset else ''}"
+            others = [
+                f"{setting.replace('_', ' ')} {top1(value):.1%}"
+                for setting, value in settings.items()
+                if setting != "pretrained"
+                and isinstance(value, Mapping)
+                and top1(value) is not None
+            ]
+            text = f"{name} top-1 {top1(pretrained):.1%}"
+            parts.append(text + (f" ({', '.join(others)})" if others else ""))
     return " | ".join(parts)
 
 
