@@ -19,31 +19,31 @@ NAMES = {
 }
 
 
+def _top1_by_subset(result: Any) -> dict[str, float]:
+    """{"": top1} for a flat result, {"1%": top1, "10%": top1} for one with label subsets, {}
+    for one without an accuracy (e.g. a skipped baseline)."""
+    if not isinstance(result, Mapping):
+        return {}
+    if "top1" in result:
+        return {"": result["top1"]}
+    return {k: v["top1"] for k, v in result.items() if isinstance(v, Mapping) and "top1" in v}
+
+
 def summary_line(results: Mapping[str, Mapping[str, Any]]) -> str:
     """ "linear probe (logreg) top-1 91.2% (random init 62.0%, ...) | kNN top-1 ..." from
     {protocol: {"pretrained": {...}, "random_init": {...}, ...}}; a protocol with label
     subsets ({"pretrained": {"1%": {...}, "10%": {...}}, ...}) gives one part per subset."""
     parts = []
     for protocol, settings in results.items():
-        pretrained = settings.get("pretrained", {})
-        subsets = {"": None} if "top1" in pretrained else dict.fromkeys(pretrained)
-        for subset in subsets:
-
-            def top1(value, subset=subset):
-                value = value.get(subset) if subset else value
-                return value.get("top1") if isinstance(value, Mapping) else None
-
-            if top1(pretrained) is None:
-                continue
-            name = f"{NAMES.get(protocol, protocol)}{f' {subset}' if subset else ''}"
+        top1 = {setting: _top1_by_subset(result) for setting, result in settings.items()}
+        for subset, value in top1.get("pretrained", {}).items():
             others = [
-                f"{setting.replace('_', ' ')} {top1(value):.1%}"
-                for setting, value in settings.items()
-                if setting != "pretrained"
-                and isinstance(value, Mapping)
-                and top1(value) is not None
+                f"{setting.replace('_', ' ')} {by_subset[subset]:.1%}"
+                for setting, by_subset in top1.items()
+                if setting != "pretrained" and subset in by_subset
             ]
-            text = f"{name} top-1 {top1(pretrained):.1%}"
+            name = f"{NAMES.get(protocol, protocol)}{f' {subset}' if subset else ''}"
+            text = f"{name} top-1 {value:.1%}"
             parts.append(text + (f" ({', '.join(others)})" if others else ""))
     return " | ".join(parts)
 
