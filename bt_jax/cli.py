@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import gc
+import importlib.util
 import logging
 import os
 import sys
@@ -213,6 +214,17 @@ def collect_less() -> None:
     """Fewer garbage collections for a process that imports the heavy libraries (call it
     first); :func:`freeze_imports` once they are loaded."""
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+def skip_keras() -> None:
+    """TensorFlow loads Keras at import (and Keras scikit-learn and SciPy's statistics): ~2 s
+    of CPU in every process, for nothing bt_jax uses (tf.data and tf.summary need no Keras).
+    TensorFlow skips it when told to use the separate ``tf_keras`` package (Keras 2) and that
+    package is not installed; ``tf.keras`` then cannot be imported in this process. For
+    bt_jax's own command lines, before TensorFlow loads; a value already set is kept."""
+    if "tensorflow" in sys.modules or importlib.util.find_spec("tf_keras") is not None:
+        return
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 
 def freeze_imports() -> None:

@@ -1,7 +1,7 @@
 """Where training metrics go: TensorBoard, a metrics history that object storage can hold, and
 progress on stderr.
 
-* TensorBoard (CLU's writers): written in the workdir on a local disk; for a workdir on object
+* TensorBoard (``tf.summary``): written in the workdir on a local disk; for a workdir on object
   storage, written to a local staging folder and uploaded as a new event file at each
   checkpoint and at the end (object stores have no append; TensorBoard reads every event file of
   a folder in order).
@@ -27,7 +27,6 @@ from collections.abc import Mapping
 
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from etils import epath
 
 from bt_jax import files
@@ -62,8 +61,39 @@ def read_metrics(workdir: epath.PathLike) -> list[dict]:
     return sorted(records.values(), key=lambda r: r["step"])
 
 
+class _EventWriter:
+    """TensorBoard event files through ``tf.summary``, as CLU's SummaryWriter writes them.
+
+    Not CLU's own: its module imports TensorBoard's hparams plugin, which needs ``tf.keras``,
+    and the command lines load TensorFlow without Keras (``bt_jax.cli.skip_keras``).
+    """
+
+    def __init__(self, logdir: str):
+        import tensorflow as tf
+
+        self._summary = tf.summary
+        self._writer = tf.summary.create_file_writer(logdir)
+
+    def write_scalars(self, step: int, values: Mapping[str, float]) -> None:
+        with self._writer.as_default(step=step):
+            for key, value in values.items():
+                self._summary.scalar(key, value)
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """images: name -> [N, H, W, C] in [0, 1]."""
+        with self._writer.as_default(step=step):
+            for key, value in images.items():
+                self._summary.image(key, value, max_outputs=len(value))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 class _TensorBoard:
-    """CLU's writer in the workdir, or staged locally and uploaded for object storage."""
+    """The event writer in the workdir, or staged locally and uploaded for object storage."""
 
     def __init__(self, workdir: epath.Path):
         self.workdir = workdir
@@ -72,9 +102,7 @@ class _TensorBoard:
         self._open()
 
     def _open(self):
-        self.writer = metric_writers.create_default_writer(
-            self._staging if self.remote else str(self.workdir), asynchronous=False
-        )
+        self.writer = _EventWriter(self._staging if self.remote else str(self.workdir))
 
     def upload(self) -> None:
         """Sends what was written since the last upload as new event file(s) (remote only)."""

@@ -30,6 +30,10 @@ jax.config.update(
     float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
 )
 
+from bt_jax import cli  # noqa: E402
+
+# TensorFlow as the command lines load it: without Keras (bt_jax.cli.skip_keras).
+cli.skip_keras()
 # Hide the host's CPUs from TensorFlow's view of devices: tf.data only.
 try:  # pragma: no cover - depends on install
     import tensorflow as tf
@@ -45,8 +49,6 @@ assert jax.device_count() == 8, (
 # The trainer's garbage-collection settings (bt_jax.cli.collect_less) in the pytest processes:
 # their heaps grow to a million objects over a file's tests, and every full collection scanned
 # them all (12 s of a 78 s run of three step-and-model files, 3.4 s with these settings).
-from bt_jax import cli  # noqa: E402
-
 cli.collect_less()
 cli.freeze_imports()
 

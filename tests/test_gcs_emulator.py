@@ -18,7 +18,6 @@ import textwrap
 import time
 import urllib.request
 
-import clu.metric_writers
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -318,13 +317,16 @@ def test_flax_msgpack_through_epath(gcs_emulator, gcs_dir):
     jax.tree.map(np.testing.assert_array_equal, restored, variables)
 
 
-def test_tensorboard_events_written_by_clu_to_gcs_read_back_by_tensorboard(gcs_emulator, gcs_dir):
-    """CLU's writer is tf.summary, whose GCS client rewrites the whole event file at each flush
+def test_tensorboard_events_written_by_tf_summary_to_gcs_read_back_by_tensorboard(
+    gcs_emulator, gcs_dir
+):
+    """tf.summary (bt_jax's event writer) on GCS rewrites the whole event file at each flush
     (objects cannot be appended to); TensorBoard reads gs:// through tf.io.gfile."""
     logdir = gcs_dir / "tensorboard"
-    writer = clu.metric_writers.create_default_writer(logdir, asynchronous=False)
+    writer = tf.summary.create_file_writer(os.fspath(logdir))
     for step in range(3):
-        writer.write_scalars(step, {"loss": 1.0 / (step + 1)})
+        with writer.as_default(step=step):
+            tf.summary.scalar("loss", 1.0 / (step + 1))
         writer.flush()
     writer.close()
     assert len(list(logdir.glob("events.out.tfevents.*"))) == 1

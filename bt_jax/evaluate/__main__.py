@@ -17,6 +17,7 @@ from bt_jax import interrupts as interrupts_lib
 INTERRUPTS = interrupts_lib.Interrupts(distributed=False)
 INTERRUPTS.enter(interrupts_lib.EVALUATION, "nothing was written")
 cli.collect_less()  # before the heavy imports: bt_jax.cli.GC_THRESHOLDS
+cli.skip_keras()
 
 import json
 

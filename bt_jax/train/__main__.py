@@ -16,6 +16,7 @@ from bt_jax import interrupts as interrupts_lib
 # stops at once, in one line.
 INTERRUPTS = interrupts_lib.Interrupts(distributed=False)
 cli.collect_less()  # before the heavy imports: bt_jax.cli.GC_THRESHOLDS
+cli.skip_keras()
 
 import os
 
