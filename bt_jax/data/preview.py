@@ -119,4 +119,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     from bt_jax import cli
 
+    cli.skip_keras()
     cli.run(lambda: main(sys.argv[1:]))
