@@ -65,6 +65,26 @@ def test_train_step_benchmark_runs_without_tensorflow():
     assert len(rows) == 2, out
 
 
+@pytest.mark.slow
+def test_step_profile_runs_without_tensorflow():
+    """The same tiny steps as above (their programs come from the compilation cache), profiled."""
+    out = run_without_tensorflow(
+        "step_profile.py",
+        "--batch=8",
+        "--width=4",
+        "--projector=16-16",
+        "--image-size=16",
+        "--rounds=1",
+        "--steps=bt_jax,minimal",
+    )
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    for kind in ("conv forward", "matmul", "all thunks", "step wall time"):
+        assert kind in rows, out
+    # Both steps ran convolutions that the trace timed and the program named.
+    conv_seconds = [float(cell) for cell in rows["conv forward"].split("|")[2:4]]
+    assert all(seconds > 0 for seconds in conv_seconds), out
+
+
 def test_model_and_loss_benchmarks_run_without_tensorflow():
     out = run_without_tensorflow(
         "model.py",

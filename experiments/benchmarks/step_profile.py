@@ -4,10 +4,11 @@
         --projector=2048-2048-2048
     python experiments/benchmarks/step_profile.py --steps=reference --top=20
 
-For each step of ``train_step.py`` (same names), one step runs under ``jax.profiler.trace``
-after a warm-up; every XLA operation the trace records (a CPU "thunk": a fusion, a library
-convolution or matrix product, a collective, a copy) is matched to its instruction in the
-compiled program and counted under a kind:
+For each step of ``train_step.py`` (same names), after a warm-up, one step per round runs under
+``jax.profiler.trace``, the steps alternating within each round (--rounds); every XLA
+operation the trace records (a CPU "thunk": a fusion, a library convolution or matrix product,
+a collective, a copy) is matched to its instruction in the compiled program and counted under
+a kind:
 
 * ``conv forward``, ``conv backward``, ``conv kernel grad``: XLA convolutions (backward: the
   input gradient; kernel grad: XLA's own kernel gradient, a window spanning the feature map);
@@ -18,7 +19,9 @@ compiled program and counted under a kind:
   elementwise work fused in; ``elementwise / other``: the rest.
 
 Thunks run concurrently on the CPU's threads, so the kinds add up to more than the step's wall
-time; compare kinds across steps, in one run (the machine's load changes between runs).
+time; the table gives each kind's median over the rounds. Compare kinds across steps, in one run
+(the machine's load changes between runs; on a shared 2-core VM one step of the same program
+varies by ~20% from round to round).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import gzip
 import json
 import os
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -132,32 +136,53 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--projector", default="2048-2048-2048")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="override the setting's image side (tiny runs)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="profiled steps of each variant")
     parser.add_argument("--top", type=int, default=0, help="also list the longest N operations")
     args = parser.parse_args()
     names = args.steps.split(",")
     for name in names:
         if name not in train_step.STEPS or name == "pytorch":
             parser.error(f"unknown step {name!r}")
-    setup = train_step.Setup(args.setting, args.batch, args.width, args.projector, args.dtype)
-    results = {}
+    setup = train_step.Setup(
+        args.setting, args.batch, args.width, args.projector, args.dtype, args.image_size
+    )
+    runners = {}
     for name in names:
-        runner = train_step.build(name, setup)
-        runner.step()  # compile and warm up
-        results[name] = profile(runner)
+        runners[name] = train_step.build(name, setup)
+        runners[name].step()  # compile and warm up
+    rounds = {name: [] for name in names}
+    for _ in range(args.rounds):
+        for name, runner in runners.items():
+            rounds[name].append(profile(runner))
+    # Per step: (median wall, {kind: median seconds}, the longest thunks of its last round).
+    results = {
+        name: (
+            statistics.median(wall for wall, _, _ in profiles),
+            {k: statistics.median(by_kind[k] for _, by_kind, _ in profiles) for k in KINDS},
+            profiles[-1][2],
+        )
+        for name, profiles in rounds.items()
+    }
     device = jax.devices()[0]
     print(
         f"# {device.platform}: {device.device_kind} x {jax.local_device_count()}; "
         f"{setup.model_name} {args.setting}, batch {setup.batch}, width {args.width}, "
-        f"projector {args.projector}; thunk seconds of one profiled step, by kind"
+        f"projector {args.projector}; thunk milliseconds of a step, by kind, median of "
+        f"{args.rounds} alternating rounds"
     )
     print("| kind | " + " | ".join(names) + " |")
     print("|" + "---|" * (len(names) + 1))
     for kind in KINDS:
-        print(f"| {kind} | " + " | ".join(f"{results[n][1][kind]:.2f}" for n in names) + " |")
+        print(f"| {kind} | " + " | ".join(f"{1e3 * results[n][1][kind]:.2f}" for n in names) + " |")
     print(
-        "| all thunks | " + " | ".join(f"{sum(results[n][1].values()):.2f}" for n in names) + " |"
+        "| all thunks | "
+        + " | ".join(f"{1e3 * sum(results[n][1].values()):.2f}" for n in names)
+        + " |"
     )
-    print("| step wall time | " + " | ".join(f"{results[n][0]:.2f}" for n in names) + " |")
+    print("| step wall time | " + " | ".join(f"{1e3 * results[n][0]:.2f}" for n in names) + " |")
     for name in names if args.top else ():
         print(f"\n{name}: the {args.top} longest operations (seconds)")
         for seconds, thunk, kind, line in results[name][2][: args.top]:
