@@ -55,6 +55,7 @@ from jax.sharding import PartitionSpec as P
 
 from bt_jax import loss as loss_lib
 from bt_jax import models, optim, parallel, probe
+from bt_jax import state as state_lib
 from bt_jax import step as step_lib
 from bt_jax.data import photometric
 from bt_jax.data import views as views_lib
@@ -134,7 +135,10 @@ class Setup:
             projector=model.projector.clone(axis_name=None),
         )
         images = jnp.zeros((2, self.size, self.size, 3), jnp.float32)
-        return jax.jit(functools.partial(init_model.init, train=False))(jax.random.key(0), images)
+        # Compiled as the trainer compiles its step-0 state: a program that runs once.
+        return state_lib.run_once(
+            functools.partial(init_model.init, jax.random.key(0), images, train=False)
+        )
 
 
 class Runner:
