@@ -30,8 +30,9 @@ Steps (--steps, comma-separated; each a variant of one training step on random u
 The steps run in turn, one step each per round, for --repeats rounds after one warm-up round,
 so that load from other processes falls on all alike; the table gives the median. "Images"
 counts examples of the global batch (each seen in two views). ``ratio`` is each step's images/s
-over the first step's. Peak memory is XLA's accounting of the compiled step (arguments +
-outputs + temporaries, per device).
+over the first step's; ``cores_busy`` the process's CPU seconds per wall second during the step
+(how many of the CPU's cores the step kept busy, median). Peak memory is XLA's accounting of
+the compiled step (arguments + outputs + temporaries, per device).
 
 Imports no TensorFlow (an accelerator machine lent for measurements has none), nor PyTorch
 unless --against-pytorch.
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import resource
 import statistics
 import sys
 import time
@@ -371,6 +373,12 @@ def build(name: str, setup: Setup) -> Runner:
     return torch_runner(setup)
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure(names: list[str], setup: Setup, repeats: int) -> list[dict]:
     """Builds every step, then times them in turn, one step each per round; a row per step."""
     runners, compile_seconds = {}, {}
@@ -380,11 +388,13 @@ def measure(names: list[str], setup: Setup, repeats: int) -> list[dict]:
         runners[name].step()  # the warm-up round
         compile_seconds[name] = time.perf_counter() - start
     times = {name: [] for name in names}
+    cores_busy = {name: [] for name in names}  # process CPU seconds per wall second
     for _ in range(repeats):
         for name, runner in runners.items():
-            start = time.perf_counter()
+            cpu_start, start = _cpu_seconds(), time.perf_counter()
             runner.step()
             times[name].append(time.perf_counter() - start)
+            cores_busy[name].append((_cpu_seconds() - cpu_start) / times[name][-1])
     rows = []
     for name in names:
         seconds = statistics.median(times[name])
@@ -397,6 +407,7 @@ def measure(names: list[str], setup: Setup, repeats: int) -> list[dict]:
                 "dtype": setup.dtype,
                 "ms_per_step": 1e3 * seconds,
                 "images_per_second": setup.batch / seconds,
+                "cores_busy": statistics.median(cores_busy[name]),
                 "peak_mib": runners[name].peak_mib,
                 "first_step_seconds": compile_seconds[name],
             }
@@ -416,6 +427,7 @@ COLUMNS = [
     "ms_per_step",
     "images_per_second",
     "ratio",
+    "cores_busy",
     "peak_mib",
     "first_step_seconds",
 ]
