@@ -123,16 +123,32 @@ def check_usable(path: epath.PathLike, *, what: str) -> epath.Path:
     return path if is_remote(path) else path.absolute()
 
 
+def check_directory(path: epath.PathLike, *, what: str) -> epath.Path:
+    """``path`` usable as a directory, checked without writing anything: reachable
+    (:func:`check_usable`), not a file, and on a local disk not under one. StorageError naming
+    the path otherwise."""
+    path = check_usable(path, what=what)
+    if path.exists() and not path.is_dir():
+        raise StorageError(
+            f"{what} {path} is a file, not a directory. Pass a directory "
+            "(it is created if missing)."
+        )
+    if not is_remote(path):
+        ancestor = path.parent
+        while not ancestor.exists():  # ends at the root at the latest
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise StorageError(
+                f"{what} {path} cannot be created: {ancestor} is a file. Pass a directory path."
+            )
+    return path
+
+
 def check_writable_directory(path: epath.PathLike, *, what: str) -> epath.Path:
     """Creates ``path`` if needed and proves it writable with a small probe object, which is
     removed again; StorageError naming the path and what to fix otherwise."""
-    path = check_usable(path, what=what)
+    path = check_directory(path, what=what)
     try:
-        if path.exists() and not path.is_dir():
-            raise StorageError(
-                f"{what} {path} is a file, not a directory. Pass a directory "
-                "(it is created if missing)."
-            )
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".bt_jax_write_check_{uuid.uuid4().hex[:8]}"
         probe.write_text("ok")

@@ -103,6 +103,22 @@ def _alive_here(owner: dict) -> bool | None:
     return True
 
 
+def check(workdir: epath.PathLike, config: ml_collections.ConfigDict) -> epath.Path:
+    """Every check of the workdir that writes nothing: a usable directory
+    (:func:`bt_jax.files.check_directory`), its checkpoints folder not a file, resumable by
+    ``config``, not in use by another run. Returns it as :func:`bt_jax.files.check_usable`."""
+    workdir = files.check_directory(workdir, what="The workdir")
+    checkpoints = checkpoint.directory(workdir)
+    if checkpoints.exists() and not checkpoints.is_dir():
+        raise files.StorageError(
+            f"{checkpoints} is a file; bt_jax keeps its checkpoints in that folder. Move the "
+            "file away or use another --workdir."
+        )
+    check_resumable(workdir, config)
+    Lease(workdir).check()
+    return workdir
+
+
 class Lease:
     """The right to write a workdir, held by process 0 of one run at a time."""
 

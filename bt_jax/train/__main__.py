@@ -24,7 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bt_jax import config as config_lib
-from bt_jax import files  # files also configures the storage clients
+from bt_jax import files  # noqa: F401 - configures the storage clients
 
 FLAGS = flags.FLAGS
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "config.py")
@@ -54,10 +54,13 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(cli.LibraryLogFilter(verbose=FLAGS.verbose))
 
     def run() -> int:
-        # The checks that need neither TensorFlow nor the data: a mistyped value is one line
-        # in a second, not after the trainer's imports (the loop checks again, for API users).
+        # The checks that need neither TensorFlow nor the data: a mistyped value, or a workdir
+        # that is a file, in use or saved by another config, is one line in seconds, not after
+        # the trainer's imports (the loop checks again, for API users).
         config_lib.validate(FLAGS.config)
-        files.check_usable(FLAGS.workdir, what="The workdir")
+        from bt_jax import workdir as workdir_lib  # JAX and orbax, not yet TensorFlow
+
+        workdir_lib.check(FLAGS.workdir, FLAGS.config)
         cli.initialize_distributed_if_asked(INTERRUPTS)
         import jax
 

@@ -93,18 +93,11 @@ def check(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> Run:
     """Every check that can fail, before anything is written: the config, the data, the
     devices, the workdir (reachable, writable, resumable by this config, not in use)."""
     config_lib.validate(config)
-    workdir = files.check_usable(workdir, what="The workdir")
+    workdir = workdir_lib.check(workdir, config)
     source = data.load_source(config.data.dataset, config.data.data_dir or None)
     config_lib.check_run(config, device_count=jax.device_count(), num_train=source.num_train)
     eval_source = evaluate.labelled_source(config, pretraining=source, required=False)
-    workdir_lib.check_resumable(workdir, config)
-    workdir_lib.Lease(workdir).check()
     files.check_writable_directory(workdir, what="The workdir")
-    if checkpoint.directory(workdir).exists() and not checkpoint.directory(workdir).is_dir():
-        raise files.StorageError(
-            f"{checkpoint.directory(workdir)} is a file; bt_jax keeps its checkpoints in that "
-            "folder. Move the file away or use another --workdir."
-        )
     steps_per_epoch = data.steps_per_epoch(source, config.batch_size)
     total_steps = steps_per_epoch * config.num_epochs
     if config.max_steps > 0:
