@@ -364,9 +364,14 @@ def test_an_unusable_workdir_is_one_line_before_any_compute(tmp_path, layout):
         (workdir / "checkpoints").write_text("x")
         pattern = r"checkpoints"
     start = time.time()
-    result = run_cli(train_cli(workdir))
+    command = train_cli(workdir)
+    result = run_cli([command[0], "-X", "importtime", *command[1:]])
     assert_one_line_error(result, pattern)
     assert time.time() - start < 120
+    # What takes no write to find is found before TensorFlow loads.
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
+    assert "bt_jax.workdir" in imported, result.stderr[-2000:]
+    assert ("tensorflow" in imported) == (layout == "unwritable")
 
 
 def test_disk_full_is_one_line_naming_the_last_complete_checkpoint(tmp_path):
