@@ -144,17 +144,15 @@ def check_directory(path: epath.PathLike, *, what: str) -> epath.Path:
     return path
 
 
-def check_writable_directory(path: epath.PathLike, *, what: str) -> epath.Path:
-    """Creates ``path`` if needed and proves it writable with a small probe object, which is
-    removed again; StorageError naming the path and what to fix otherwise."""
-    path = check_directory(path, what=what)
+def check_writable_directory(path: epath.Path, *, what: str) -> epath.Path:
+    """Creates ``path`` (one that :func:`check_directory` passed) if needed and proves it
+    writable with a small probe object, which is removed again; StorageError naming the path
+    and what to fix otherwise."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".bt_jax_write_check_{uuid.uuid4().hex[:8]}"
         probe.write_text("ok")
         probe.unlink()
-    except StorageError:
-        raise
     except (OSError, PermissionError) as error:
         reason = getattr(error, "strerror", None) or str(error)
         raise StorageError(
