@@ -36,6 +36,7 @@ MODEL_FILE = "model.msgpack"
 STATE, RUN, LEGACY_STATE = "state", "run", "default"
 # The model.* fields that rebuild a backbone (bt_jax.models.create keyword arguments).
 BACKBONE_FIELDS = ("name", "stem", "width", "zero_init_residual")
+REPLICA_PARALLEL_MIN_BYTES = 2**20  # see _state_writer
 
 
 class CheckpointError(errors.Error):
@@ -56,14 +57,39 @@ def directory(workdir: epath.PathLike) -> epath.Path:
     return (path if files.is_remote(path) else path.absolute()) / CHECKPOINTS
 
 
+_HOST_TYPES = (int, float, bytes, np.number, np.ndarray, str)
+
+
+def _state_writer() -> ocp.PyTreeCheckpointHandler:
+    """orbax's handler with one change: replicated arrays under REPLICA_PARALLEL_MIN_BYTES per
+    replica are written whole by one replica instead of a slice by each. Slicing takes one eager
+    program per array shape and device, compiled in the caller at a process's first save while
+    the devices wait (seconds: experiments/benchmarks/checkpoint_save.py), to split writes too
+    small to gain from it; larger arrays are still written by every replica (on a pod, by every
+    host). The files are orbax's usual ones: StandardRestore reads them, and old ones."""
+    default = ocp.type_handlers.get_type_handler(jax.Array)
+    arrays = ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES,
+        # orbax's own array metadata (write shapes), as its default handler writes it.
+        array_metadata_store=getattr(default, "_array_metadata_store", None),
+    )
+    # Every other type (host arrays, scalars) as orbax's default registry handles it.
+    others = [(ty, ocp.type_handlers.get_type_handler(ty)) for ty in _HOST_TYPES]
+    return ocp.PyTreeCheckpointHandler(
+        type_handler_registry=ocp.type_handlers.create_type_handler_registry(
+            *others, (jax.Array, arrays)
+        )
+    )
+
+
 def _registry(partial: bool = False) -> ocp.handlers.DefaultCheckpointHandlerRegistry:
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     if partial:  # reading some subtrees only, as numpy: PyTree restore arguments
         for item in (STATE, LEGACY_STATE):
             registry.add(item, ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler)
     else:
+        registry.add(STATE, ocp.args.PyTreeSave, _state_writer())
         for item in (STATE, LEGACY_STATE):
-            registry.add(item, ocp.args.StandardSave, ocp.StandardCheckpointHandler)
             registry.add(item, ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
     registry.add(RUN, ocp.args.JsonSave, ocp.JsonCheckpointHandler)
     registry.add(RUN, ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
@@ -101,7 +127,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, identity: dict) 
     manager.save(
         step,
         args=ocp.args.Composite(
-            **{STATE: ocp.args.StandardSave(state), RUN: ocp.args.JsonSave(identity)}
+            **{STATE: ocp.args.PyTreeSave(state), RUN: ocp.args.JsonSave(identity)}
         ),
     )
 

@@ -116,3 +116,24 @@ def test_the_benchmark_finishes_views_as_the_trainer():
     got = train_step.finish_views(batch)
     for key in ("view_a", "view_b"):
         np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_checkpoint_save_benchmark_times_both_writers():
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(BENCHMARKS, "checkpoint_save.py"),
+            "--rounds=1",
+            "--sizes=tiny",
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| tiny |")]
+    assert [row[5].strip() for row in rows] == ["orbax default", "bt_jax"], result.stdout
+    for row in rows:
+        assert float(row[6]) >= 0 and float(row[7]) >= 0

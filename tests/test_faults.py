@@ -55,8 +55,8 @@ def train_cli(workdir, *flags, **overrides):
 
 def test_divergence_stops_before_saving_and_keeps_the_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path / "diverged")
-    # An absurd learning rate: LARS scales each weight update to 125x the weight's norm, so the
-    # weights grow ~125x a step, well past float32's safe range within a dozen steps.
+    # An absurd learning rate: LARS scales each weight update to 1.25e5x the weight's norm, so
+    # the weights grow ~1e5x a step, past the divergence bound (1e18) within a few steps.
     config = tiny_config(
         max_steps=30,
         batch_size=32,
@@ -65,7 +65,7 @@ def test_divergence_stops_before_saving_and_keeps_the_last_good_checkpoint(tmp_p
         checkpoint__every_steps=1,
         checkpoint__keep=1,
         logging__every_steps=1,
-        optim__learning_rate_weights=1e6,
+        optim__learning_rate_weights=1e9,
         eval__at_end=False,
     )
     with pytest.raises(divergence.DivergenceError, match=r"step \d+") as error:

@@ -119,8 +119,11 @@ def init_variables(model, image_size=16):
         backbone=model.backbone.clone(axis_name=None),
         projector=model.projector.clone(axis_name=None),
     )
-    variables = init_model.init(
-        jax.random.key(0), jnp.zeros((2, image_size, image_size, 3)), train=False
+    # One program (eager init would compile one random-normal program per kernel shape).
+    variables = state_lib.run_once(
+        lambda: init_model.init(
+            jax.random.key(0), jnp.zeros((2, image_size, image_size, 3)), train=False
+        )
     )
     # Nonzero last BatchNorm scales (zero_init_residual starts them at 0, hiding the branches).
     params = jax.tree_util.tree_map_with_path(

@@ -6,7 +6,7 @@ import chex
 import jax
 import numpy as np
 import pytest
-from train_helpers import step_0_state, tiny_config
+from train_helpers import step_0_state, steps_per_epoch, tiny_config
 
 from bt_jax import parallel, probe
 from bt_jax import state as state_lib
@@ -51,7 +51,7 @@ def run_steps(config, batches, parallelism, devices):
     """Steps over ``devices`` with the given mapping; (params, probe params), last metrics."""
     mesh = parallel.device_mesh(devices)
     model = state_lib.build_model(config)
-    tx = state_lib.build_optimizer(config, steps_per_epoch=10)
+    tx = state_lib.build_optimizer(config, steps_per_epoch(config))
     state = step_0_state(config, model, tx, mesh)
     step_fn = parallel.map_step(step_function(config, model, tx), mesh, parallelism)
     key = jax.random.key(0)
@@ -87,7 +87,7 @@ def test_eight_devices_equal_one_device_and_pmap_equals_shard_map():
                 state_lib.init_state,
                 config,
                 state_lib.build_model(config),
-                state_lib.build_optimizer(config, steps_per_epoch=10),
+                state_lib.build_optimizer(config, steps_per_epoch(config)),
             )
         ).params
     )
@@ -114,7 +114,7 @@ def test_correlation_block_is_replicated_and_is_c():
     config = tiny_config(batch_size=32)
     mesh = parallel.device_mesh()
     model = state_lib.build_model(config)
-    tx = state_lib.build_optimizer(config, steps_per_epoch=10)
+    tx = state_lib.build_optimizer(config, steps_per_epoch(config))
     state = step_0_state(config, model, tx, mesh)
     batch = fake_batches(config, 1)[0]
     batch["view_b"] = batch["view_a"]  # identical views: C's diagonal is 1

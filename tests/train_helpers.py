@@ -38,6 +38,15 @@ def tiny_config(**overrides):
     return config
 
 
+def steps_per_epoch(config) -> int:
+    """The trainer's steps per epoch for ``config`` (digits: 1500 training images). Tests that
+    build a step themselves use it: their program is then the trainer's, compiled once for both
+    (the learning-rate schedule is compiled into the step)."""
+    from bt_jax import data
+
+    return data.steps_per_epoch(data.load_source(config.data.dataset), config.batch_size)
+
+
 def trainer_command(workdir, **overrides):
     """``python -m bt_jax.train`` with the tiny config's values as --config.KEY flags."""
     args = [sys.executable, "-m", "bt_jax.train", f"--workdir={workdir}"]
