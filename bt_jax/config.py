@@ -127,6 +127,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict(
         dict(
             at_end=True,  # the main job ends with the quick linear probe and kNN
+            # ... beside the baselines (bt_jax.evaluate.baselines): three random-init backbones
+            # and raw pixels, each evaluated as the trained one (about 4x its cost).
+            baselines=True,
             # A labelled dataset for evaluation when pretraining reads unlabelled images;
             # "" = the pretraining dataset. Same image size and transform.
             dataset="",

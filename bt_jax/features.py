@@ -10,7 +10,7 @@ another evaluates (which a pod's shutdown barrier would not survive).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -32,6 +32,28 @@ def eval_batch_size(device_count: int, wanted: int = EVAL_BATCH_SIZE) -> int:
     return -(-wanted // device_count) * device_count
 
 
+def split_batches(
+    source: data.Source,
+    *,
+    split: str,
+    image_size: int,
+    resize_size: int,
+    mesh: jax.sharding.Mesh,
+    batch_size: int = EVAL_BATCH_SIZE,
+) -> Iterator[dict]:
+    """This process's share of every evaluation batch of ``split`` (``data.eval_batches``:
+    {"image" uint8, "label", "mask"}), the global batch a multiple of the mesh's devices."""
+    return data.eval_batches(
+        source,
+        split=split,
+        batch_size=eval_batch_size(mesh.size, batch_size),
+        image_size=image_size,
+        resize_size=resize_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
 def map_split(
     fn: ExampleFn,
     variables: Any,
@@ -42,25 +64,28 @@ def map_split(
     resize_size: int,
     mesh: jax.sharding.Mesh,
     batch_size: int = EVAL_BATCH_SIZE,
+    batches: Iterable[dict] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``fn`` on every example of ``split`` (evaluation transform), on every device.
 
     variables: replicated global arrays (the trainer's state) or host values (a checkpoint).
+    batches: the split's :func:`split_batches` (same arguments), when the caller keeps them
+      for several calls; read from ``source`` otherwise.
     Returns (outputs [N, ...], labels int32 [N]) as numpy, on every process, in dataset order.
     """
-    batch_size = eval_batch_size(mesh.size, batch_size)
+    if batches is None:
+        batches = split_batches(
+            source,
+            split=split,
+            image_size=image_size,
+            resize_size=resize_size,
+            mesh=mesh,
+            batch_size=batch_size,
+        )
     variables = parallel.replicate(variables, mesh)
     forward = _compiled(fn, mesh)
     outputs, labels = [], []
-    for local in data.eval_batches(
-        source,
-        split=split,
-        batch_size=batch_size,
-        image_size=image_size,
-        resize_size=resize_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    ):
+    for local in batches:
         batch = parallel.global_batch(local, mesh)
         out, label, mask = parallel.gather_to_host(forward(variables, batch))
         outputs.append(out[mask])
@@ -114,8 +139,10 @@ def representations(
     image_size: int,
     resize_size: int,
     mesh: jax.sharding.Mesh,
+    batches: Iterable[dict] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(features float32 [N, F], labels int32 [N]) of a backbone on ``split``, every process."""
+    """(features float32 [N, F], labels int32 [N]) of a backbone on ``split``, every process
+    (``batches`` as in :func:`map_split`)."""
     return map_split(
         Representation(module),
         variables,
@@ -124,4 +151,5 @@ def representations(
         image_size=image_size,
         resize_size=resize_size,
         mesh=mesh,
+        batches=batches,
     )

@@ -273,6 +273,26 @@ def test_evaluate_quick_and_every_checkpoint(run_dir):
         ev.evaluate_checkpoints(run_dir, ("knn",), steps=[5])
 
 
+def test_a_small_split_is_read_once_for_every_backbone(run_dir, monkeypatch):
+    """A split's evaluation images are kept after the first backbone reads them (the baselines
+    read them again otherwise); one over the bound is read again each time, the same features."""
+    from bt_jax.evaluate import context as context_lib
+
+    config = ev.load_run_config(run_dir)
+    variables, _ = ev.load_variables(run_dir, config)
+    kept = ev.make_context(config, ev.labelled_source(config))
+    features, labels = kept.representations(context_lib.Backbone("pretrained", variables), "test")
+    assert list(kept.kept_batches) == ["test"]
+    assert kept.batches("test") is kept.kept_batches["test"]
+    monkeypatch.setattr(context_lib, "KEEP_SPLIT_MAX_BYTES", 0)
+    streamed = ev.make_context(config, ev.labelled_source(config))
+    again = streamed.representations(context_lib.Backbone("pretrained", variables), "test")
+    assert not streamed.kept_batches
+    np.testing.assert_array_equal(again[0], features)
+    np.testing.assert_array_equal(again[1], labels)
+    assert len(labels) == ev.labelled_source(config).num_examples("test")
+
+
 def test_the_random_init_baseline_is_the_step_0_state_to_the_bit():
     """The trainer and the baseline compile the initialisation for a program that runs once (XLA
     level 1 on a CPU, 3x faster to compile); its bits are those of a plain ``jax.jit``."""

@@ -53,9 +53,10 @@ class Job:
     def __init__(self, workdir, num_processes, devices, **overrides):
         self.workdir = workdir
         command = trainer_command(workdir, **{**RECIPE, **overrides})
+        # As `python -m bt_jax.train`, with each program compiled once for all processes and
+        # every factorisation of the 4 devices (the reference's 1 x 4 included).
+        command = [sys.executable, os.path.join(REPO, "tests", "pod_host.py"), *command[3:]]
         if num_processes > 1:
-            # As `python -m bt_jax.train`, with each program compiled once for all processes.
-            command = [sys.executable, os.path.join(REPO, "tests", "pod_host.py"), *command[3:]]
             port = free_port()
             command += [
                 f"--coordinator_address=127.0.0.1:{port}",

@@ -216,11 +216,17 @@ def test_pretraining_on_unlabelled_images_with_a_separate_labelled_set(tmp_path)
             data__eval_resize=8,
             eval__dataset="folder",
             eval__data_dir=str(labelled),
+            eval__baselines=False,
         ),
         workdir,
     )
     quick = json.load(open(os.path.join(workdir, "eval_quick.json")))
     assert quick["dataset"] == "folder"
     assert 0.0 <= quick["results"]["knn"]["pretrained"]["top1"] <= 1.0
+    # eval.baselines off: the trained backbone alone (the baselines are tested above).
+    assert {p: list(r) for p, r in quick["results"].items()} == {
+        "logreg": ["pretrained"],
+        "knn": ["pretrained"],
+    }
     records = metric_logging.read_metrics(workdir)
     assert not any("probe_loss" in r for r in records)  # no labels to train the probe on

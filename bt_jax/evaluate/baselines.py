@@ -119,17 +119,7 @@ def recompute_batch_stats(
     batch_size = features.eval_batch_size(mesh.size)
     full_batches = min(num_batches, context.source.num_examples("train") // batch_size)
     total = None
-    for count, local in enumerate(
-        data.eval_batches(
-            context.source,
-            split="train",
-            batch_size=batch_size,
-            image_size=context.config.data.image_size,
-            resize_size=context.config.data.eval_resize,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-    ):
+    for count, local in enumerate(context.batches("train")):
         # Full batches only (a padded one would bias the statistics), decided from the sizes so
         # that every process runs the same collectives.
         if count == full_batches:

@@ -8,7 +8,7 @@ one :class:`Backbone` on the context's labelled data and returns its results ({"
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import flax.linen as nn
@@ -21,6 +21,10 @@ from bt_jax import data, errors, features, parallel
 Protocol = Callable[["Context", "Backbone"], dict]
 PROTOCOLS: dict[str, Protocol] = {}
 QUICK = ("logreg", "knn")  # the protocols the main job ends with: seconds to minutes
+# A split whose evaluation images (this process's share, uint8) fit in this many bytes is read
+# once and kept for every backbone (the baselines: ~10 passes over the data at the end of a
+# run); a larger one (ImageNet's train split: 193 GB at 224 px) is read again for each.
+KEEP_SPLIT_MAX_BYTES = 2**30
 
 
 class EvaluationError(errors.Error):
@@ -74,10 +78,30 @@ class Context:
     source: data.Source
     module: nn.Module
     mesh: jax.sharding.Mesh
+    kept_batches: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def num_classes(self) -> int:
         return int(self.source.num_classes)
+
+    def batches(self, split: str) -> Iterable[dict]:
+        """This process's share of the split's evaluation batches (``features.split_batches``);
+        read once and kept when it holds at most KEEP_SPLIT_MAX_BYTES of images."""
+        if split in self.kept_batches:
+            return self.kept_batches[split]
+        image_size = self.config.data.image_size
+        batches = features.split_batches(
+            self.source,
+            split=split,
+            image_size=image_size,
+            resize_size=self.config.data.eval_resize,
+            mesh=self.mesh,
+        )
+        local_examples = -(-self.source.num_examples(split) // jax.process_count())
+        if local_examples * image_size**2 * 3 > KEEP_SPLIT_MAX_BYTES:
+            return batches
+        self.kept_batches[split] = list(batches)
+        return self.kept_batches[split]
 
     def placed(self, backbone: Backbone) -> Any:
         """The backbone's variables replicated over the mesh (placed once)."""
@@ -97,6 +121,7 @@ class Context:
                 image_size=self.config.data.image_size,
                 resize_size=self.config.data.eval_resize,
                 mesh=self.mesh,
+                batches=self.batches(split),
             )
         return backbone.representations[split]
 

@@ -298,9 +298,10 @@ def at_end(
     step: int,
 ) -> dict:
     """The main job's closing evaluation: the quick protocols (logreg, kNN) on the trained
-    backbone beside the baselines; printed, written to ``eval_quick.json`` and logged."""
+    backbone beside the baselines (unless ``config.eval.baselines`` is off); printed, written
+    to ``eval_quick.json`` and logged."""
     context = make_context(config, source, mesh)
-    results = with_baselines(QUICK, context, variables)
+    results = with_baselines(QUICK, context, variables, baselines=config.eval.baselines)
     line = results_lib.summary_line(results)
     if jax.process_index() == 0:
         print(f"step {step}: {line}", flush=True)
