@@ -25,7 +25,8 @@ from jax._src import cache_key, compilation_cache, compiler
 
 
 def _hash_mesh_shape(hash_obj, devices) -> None:
-    hash_obj.update(f"{devices.shape}:{devices.flat[0].device_kind};".encode())
+    kinds = sorted({device.device_kind for device in devices.flat})
+    hash_obj.update(f"{devices.shape}:{kinds};".encode())
 
 
 def _hash_compile_options_without_devices(hash_obj, options, strip_device_assignment=False):
