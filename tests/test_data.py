@@ -264,6 +264,24 @@ def test_digits_split_is_fixed(digits):
     assert digits.split("train").images.max() == 255
 
 
+def test_digits_are_scikit_learns_read_without_importing_it():
+    from sklearn.datasets import load_digits
+
+    pixels, labels = sources._digits_arrays()
+    digits = load_digits()
+    np.testing.assert_array_equal(pixels, digits.images)
+    np.testing.assert_array_equal(labels, digits.target)
+    # A fresh process loads the digits without importing scikit-learn (~0.8 s of start-up).
+    code = "import sys; from bt_jax import data; data.load_source('digits').split('train'); "
+    code += "print('sklearn' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": REPO}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "False"
+
+
 # ----------------------------------------------------------------------------- other sources
 
 
