@@ -55,33 +55,14 @@ def split_batches(
 
 
 def map_split(
-    fn: ExampleFn,
-    variables: Any,
-    source: data.Source,
-    *,
-    split: str,
-    image_size: int,
-    resize_size: int,
-    mesh: jax.sharding.Mesh,
-    batch_size: int = EVAL_BATCH_SIZE,
-    batches: Iterable[dict] | None = None,
+    fn: ExampleFn, variables: Any, batches: Iterable[dict], *, mesh: jax.sharding.Mesh
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``fn`` on every example of ``split`` (evaluation transform), on every device.
+    """``fn`` on every example of a split, on every device.
 
     variables: replicated global arrays (the trainer's state) or host values (a checkpoint).
-    batches: the split's :func:`split_batches` (same arguments), when the caller keeps them
-      for several calls; read from ``source`` otherwise.
+    batches: this process's share of the split's evaluation batches (:func:`split_batches`).
     Returns (outputs [N, ...], labels int32 [N]) as numpy, on every process, in dataset order.
     """
-    if batches is None:
-        batches = split_batches(
-            source,
-            split=split,
-            image_size=image_size,
-            resize_size=resize_size,
-            mesh=mesh,
-            batch_size=batch_size,
-        )
     variables = parallel.replicate(variables, mesh)
     forward = _compiled(fn, mesh)
     outputs, labels = [], []
@@ -131,25 +112,8 @@ class Representation:
 
 
 def representations(
-    module: nn.Module,
-    variables: Any,
-    source: data.Source,
-    *,
-    split: str,
-    image_size: int,
-    resize_size: int,
-    mesh: jax.sharding.Mesh,
-    batches: Iterable[dict] | None = None,
+    module: nn.Module, variables: Any, batches: Iterable[dict], *, mesh: jax.sharding.Mesh
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(features float32 [N, F], labels int32 [N]) of a backbone on ``split``, every process
-    (``batches`` as in :func:`map_split`)."""
-    return map_split(
-        Representation(module),
-        variables,
-        source,
-        split=split,
-        image_size=image_size,
-        resize_size=resize_size,
-        mesh=mesh,
-        batches=batches,
-    )
+    """(features float32 [N, F], labels int32 [N]) of a backbone on a split's ``batches`` (as in
+    :func:`map_split`), every process."""
+    return map_split(Representation(module), variables, batches, mesh=mesh)

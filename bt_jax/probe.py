@@ -115,10 +115,9 @@ def test_accuracy(
     predictions, labels = features.map_split(
         _Prediction(backbone.clone(axis_name=None)),
         variables,
-        source,
-        split="test",
-        image_size=image_size,
-        resize_size=resize_size,
+        features.split_batches(
+            source, split="test", image_size=image_size, resize_size=resize_size, mesh=mesh
+        ),
         mesh=mesh,
     )
     known = labels >= 0

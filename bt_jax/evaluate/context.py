@@ -114,14 +114,7 @@ class Context:
         backbone, on every device of every process."""
         if split not in backbone.representations:
             backbone.representations[split] = features.representations(
-                self.module,
-                self.placed(backbone),
-                self.source,
-                split=split,
-                image_size=self.config.data.image_size,
-                resize_size=self.config.data.eval_resize,
-                mesh=self.mesh,
-                batches=self.batches(split),
+                self.module, self.placed(backbone), self.batches(split), mesh=self.mesh
             )
         return backbone.representations[split]
 
